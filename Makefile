@@ -1,0 +1,24 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+.PHONY: setup demo test lint demo-model bench
+SHELL := /bin/bash
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	.venv/bin/earmark demo
+
+test: setup
+	.venv/bin/python -m pytest -q tests
+
+lint: setup
+	.venv/bin/ruff check asr cluster jobs labeling serve tests
+	.venv/bin/mypy asr cluster jobs
+
+# Rebuild the bundled demo model from scratch (about 1.5 h on 2 CPU cores).
+demo-model: setup
+	.venv/bin/python -m asr.demo.train --work build/demo-model --minutes 120
+	.venv/bin/python -m asr.demo.card --model build/demo-model/best.nemo --work build/demo-model
+
+bench: setup
+	.venv/bin/python benchmarks/streaming_cost.py

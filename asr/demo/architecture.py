@@ -1,0 +1,136 @@
+"""The demo model's architecture: Nemotron 3.5 ASR's configuration style, shrunk to run on a laptop.
+
+Same class (``EncDecRNNTBPEModelWithPrompt``), same kind of encoder (cache-aware FastConformer,
+causal dw_striding x8 subsampling, causal layer-norm convolutions, ``chunked_limited``
+attention with the five ``[56, r]`` latency modes), same prompt mechanism (128 prompts, the
+real prompt indices for the locales it knows, ``auto`` = 101) and language tags as single
+tokenizer pieces. Only the sizes differ: 80 mel features instead of 128, d_model 144 instead
+of 1024, 6 layers instead of 24, a 256-piece tokenizer instead of ~13k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: The real Nemotron 3.5 prompt indices of the locales the demo model knows, plus ``auto``.
+#: Short aliases map to the same index, as in the real checkpoint.
+PROMPT_DICTIONARY: dict[str, int] = {
+    "en-US": 0,
+    "es-ES": 2,
+    "fr-FR": 8,
+    "de-DE": 9,
+    "auto": 101,
+    "en": 0,
+    "es": 2,
+    "fr": 8,
+    "de": 9,
+}
+
+ATT_CONTEXT_SIZES: list[list[int]] = [[56, 13], [56, 6], [56, 3], [56, 1], [56, 0]]
+
+
+def model_config(tokenizer_dir: Path, *, d_model: int = 144, n_layers: int = 6, pred_hidden: int = 160) -> dict[str, Any]:
+    """The NeMo model config (the ``model`` section) for the demo model."""
+    return {
+        "sample_rate": 16000,
+        "compute_eval_loss": False,
+        "log_prediction": False,
+        "model_defaults": {
+            "enc_hidden": d_model,
+            "pred_hidden": pred_hidden,
+            "joint_hidden": pred_hidden,
+            "initialize_prompt_feature": True,
+            "num_prompts": 128,
+            "prompt_dictionary": dict(PROMPT_DICTIONARY),
+        },
+        "tokenizer": {"dir": str(tokenizer_dir), "type": "bpe"},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": 16000,
+            # Cache-aware streaming needs features that do not depend on the future: no
+            # per-utterance normalisation, no padding to a multiple.
+            "normalize": "NA",
+            "window_size": 0.025,
+            "window_stride": 0.01,
+            "window": "hann",
+            "features": 80,
+            "n_fft": 512,
+            "frame_splicing": 1,
+            "dither": 1.0e-5,
+            "pad_to": 0,
+        },
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": 80,
+            "feat_out": -1,
+            "n_layers": n_layers,
+            "d_model": d_model,
+            "subsampling": "dw_striding",
+            "subsampling_factor": 8,
+            "subsampling_conv_channels": d_model,
+            "causal_downsampling": True,
+            "ff_expansion_factor": 4,
+            "self_attention_model": "rel_pos",
+            "n_heads": 4,
+            "att_context_size": ATT_CONTEXT_SIZES,
+            "att_context_style": "chunked_limited",
+            "xscaling": True,
+            "untie_biases": True,
+            "pos_emb_max_len": 5000,
+            "conv_kernel_size": 9,
+            "conv_norm_type": "layer_norm",
+            "conv_context_size": "causal",
+            "dropout": 0.0,
+            "dropout_pre_encoder": 0.0,
+            "dropout_emb": 0.0,
+            "dropout_att": 0.0,
+        },
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.RNNTDecoder",
+            "normalization_mode": None,
+            "random_state_sampling": False,
+            "blank_as_pad": True,
+            "prednet": {"pred_hidden": pred_hidden, "pred_rnn_layers": 1, "t_max": None, "dropout": 0.0},
+        },
+        "joint": {
+            "_target_": "nemo.collections.asr.modules.RNNTJoint",
+            "log_softmax": None,
+            "preserve_memory": False,
+            "fuse_loss_wer": False,
+            "fused_batch_size": -1,
+            "jointnet": {"joint_hidden": pred_hidden, "activation": "relu", "dropout": 0.0},
+        },
+        "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": 10}},
+        "loss": {"loss_name": "default"},
+        "optim": {"name": "adamw", "lr": 1e-3},
+    }
+
+
+def build_tokenizer(texts: list[str], out_dir: Path, locales: list[str], vocab_size: int = 256) -> Path:
+    """Train a SentencePiece BPE tokenizer in which every ``<xx-XX>`` tag is one piece."""
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "text_corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    create_spt_model(
+        str(corpus),
+        vocab_size=vocab_size,
+        sample_size=-1,
+        do_lower_case=False,
+        tokenizer_type="bpe",
+        output_dir=str(out_dir),
+        user_defined_symbols=[f"<{loc}>" for loc in locales],
+    )
+    corpus.unlink()
+    return out_dir
+
+
+def build_model(tokenizer_dir: Path, **sizes: int) -> Any:
+    """A fresh, untrained demo model."""
+    from nemo.collections.asr.models.rnnt_bpe_models_prompt import EncDecRNNTBPEModelWithPrompt
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(model_config(tokenizer_dir, **sizes))
+    return EncDecRNNTBPEModelWithPrompt(cfg=cfg)

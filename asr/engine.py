@@ -1,0 +1,242 @@
+"""The offline engine: batched transcription with a language per clip.
+
+>>> from asr import Transcriber, decode_audio
+>>> engine = Transcriber.load("demo")                                   # doctest: +SKIP
+>>> [t.text for t in engine.transcribe([decode_audio("a.wav")], langs=["auto"])]   # doctest: +SKIP
+['Hola amigo.']
+
+Every clip gets its own prompt: the batch goes through ``model.forward(..., prompt_indices=...)``
+and the RNN-T greedy decoder, never NeMo's file-path ``transcribe()`` (which ignores
+``target_lang`` for this model class in NeMo 3.0.0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from asr.model import AUTO, ModelInfo, load_model
+from asr.results import Transcript
+from asr.tokens import build_transcript
+
+if TYPE_CHECKING:
+    from asr.streaming import StreamingSession
+
+log = logging.getLogger(__name__)
+
+#: Token confidence: Tsallis entropy (alpha = 1/3) with exponential normalisation, the
+#: entropy-based measure that separated correct from wrong RNN-T words best in NeMo's
+#: confidence study (Laptev & Ginsburg, 2022); blanks are excluded, so a token's confidence is
+#: that of the frame that emitted it.
+CONFIDENCE_METHOD = {"name": "entropy", "entropy_type": "tsallis", "alpha": 0.33, "entropy_norm": "exp"}
+#: Shortest audio the encoder accepts: shorter clips are padded with silence.
+MIN_SAMPLES = 1_600
+
+
+@dataclass(frozen=True, slots=True)
+class TranscribeOptions:
+    """How to transcribe; shared by the CLI, the batch job and the server."""
+
+    #: ``auto`` (the model detects the language, per sentence) or a locale such as ``de-DE``.
+    lang: str = AUTO
+    #: Attention context ``(left, right)``, e.g. ``(56, 13)``; None = the model's default.
+    #: The right context sets the latency mode: 0, 1, 3, 6, 13 -> 80/160/320/560/1120 ms chunks.
+    att_context: tuple[int, int] | None = None
+    #: Padded audio seconds per forward pass (clips are sorted by length and packed).
+    batch_seconds: float = 300.0
+    #: Most clips per forward pass.
+    max_batch_size: int = 64
+
+
+class Transcriber:
+    """One loaded model and the verbs that use it. Not thread-safe: one per actor/worker."""
+
+    def __init__(self, model: Any, info: ModelInfo, *, device: str = "cpu") -> None:
+        self.model = model
+        self.info = info
+        self.device = device
+        self._lock = threading.Lock()
+        self._configure_decoding()
+
+    @classmethod
+    def load(cls, spec: str | os.PathLike[str] = "demo", *, device: str | None = None) -> Transcriber:
+        """Load ``demo``, a local ``.nemo`` path or a hub name; CUDA when available unless told."""
+        import torch
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, info = load_model(spec, device=device)
+        return cls(model, info, device=device)
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    def _configure_decoding(self) -> None:
+        from omegaconf import open_dict
+
+        cfg = self.model.cfg.decoding
+        with open_dict(cfg):
+            cfg.strategy = "greedy_batch"
+            cfg.compute_timestamps = False  # words are timed from token frames in asr.tokens
+            cfg.strip_lang_tags = False  # tags are parsed in asr.text; stripping misaligns confidences
+            cfg.confidence_cfg = {
+                "preserve_frame_confidence": True,
+                "preserve_token_confidence": True,
+                "preserve_word_confidence": False,
+                "exclude_blank": True,
+                "aggregation": "min",
+                "method_cfg": dict(CONFIDENCE_METHOD),
+            }
+        self.model.change_decoding_strategy(cfg, verbose=False)
+
+    # -- latency modes -------------------------------------------------------------------
+
+    def resolve_att_context(self, att_context: Sequence[int] | None) -> tuple[int, int]:
+        if att_context is None:
+            return self.info.default_att_context
+        wanted = (int(att_context[0]), int(att_context[1]))
+        if wanted not in self.info.att_context_sizes:
+            modes = ", ".join(f"{a},{b}" for a, b in self.info.att_context_sizes)
+            raise ValueError(f"att_context {wanted[0]},{wanted[1]} is not a mode of {self.info.name}; use one of {modes}")
+        return wanted
+
+    def set_att_context(self, att_context: Sequence[int] | None) -> tuple[int, int]:
+        resolved = self.resolve_att_context(att_context)
+        if tuple(self.model.encoder.att_context_size) != resolved:
+            self.model.encoder.set_default_att_context_size(list(resolved))
+        return resolved
+
+    def prompt_indices(self, langs: Sequence[str]) -> list[int]:
+        if not self.info.uses_prompts:
+            bad = [lang for lang in langs if lang != AUTO]
+            if bad:
+                raise ValueError(f"{self.info.name} takes no language prompt; use lang 'auto' (got {bad[0]!r})")
+            return [0] * len(langs)
+        return [self.info.prompt_index(lang) for lang in langs]
+
+    # -- offline -------------------------------------------------------------------------
+
+    def transcribe(
+        self,
+        audios: Sequence[np.ndarray],
+        *,
+        langs: Sequence[str] | None = None,
+        options: TranscribeOptions | None = None,
+    ) -> list[Transcript]:
+        """Transcribe 16 kHz mono float32 arrays; ``langs`` gives one language per clip.
+
+        Clips are sorted by length and packed into forward passes of at most
+        ``options.batch_seconds`` padded seconds; results come back in input order.
+        """
+        options = options or TranscribeOptions()
+        langs = list(langs) if langs is not None else [options.lang] * len(audios)
+        if len(langs) != len(audios):
+            raise ValueError(f"got {len(audios)} clips but {len(langs)} languages; pass one language per clip")
+        indices = self.prompt_indices(langs)
+        requested = [self.info.canonical_lang(lang) if self.info.uses_prompts else AUTO for lang in langs]
+        results: list[Transcript | None] = [None] * len(audios)
+        with self._lock:
+            att = self.set_att_context(options.att_context)
+            for batch in pack_by_length([len(a) for a in audios], options.batch_seconds * self.info.sample_rate, options.max_batch_size):
+                outs = self._transcribe_batch([audios[i] for i in batch], [indices[i] for i in batch], [requested[i] for i in batch], att)
+                for i, out in zip(batch, outs, strict=True):
+                    results[i] = out
+        return [r for r in results if r is not None]
+
+    def _transcribe_batch(
+        self, audios: list[np.ndarray], prompts: list[int], requested: list[str], att: tuple[int, int]
+    ) -> list[Transcript]:
+        import torch
+
+        lengths = [max(len(a), MIN_SAMPLES) for a in audios]
+        x = torch.zeros(len(audios), max(lengths), dtype=torch.float32)
+        for row, audio in enumerate(audios):
+            x[row, : len(audio)] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        xl = torch.tensor(lengths, dtype=torch.long)
+        with torch.inference_mode():
+            x, xl = x.to(self.device), xl.to(self.device)
+            kwargs: dict[str, Any] = {"input_signal": x, "input_signal_length": xl}
+            if self.info.uses_prompts:
+                kwargs["prompt_indices"] = torch.tensor(prompts, dtype=torch.long, device=self.device)
+            enc, enc_len = self.model.forward(**kwargs)
+            hyps = self.model.decoding.rnnt_decoder_predictions_tensor(
+                encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True
+            )
+        return [
+            self.hypothesis_to_transcript(hyp, lang_requested=req, duration_s=len(audio) / self.info.sample_rate, att=att)
+            for hyp, audio, req in zip(hyps, audios, requested, strict=True)
+        ]
+
+    def hypothesis_to_transcript(
+        self, hyp: Any, *, lang_requested: str, duration_s: float, att: tuple[int, int], frame_offset: int = 0
+    ) -> Transcript:
+        if hyp is None:  # nothing decoded yet (a stream before its first chunk)
+            hyp = _NO_HYPOTHESIS
+        ids = _as_list(hyp.y_sequence)
+        frames = [f + frame_offset for f in _as_list(hyp.timestamp)] if ids else []
+        return build_transcript(
+            token_ids=ids,
+            frames=frames,
+            confidences=_as_list(hyp.token_confidence) if hyp.token_confidence is not None else None,
+            tokenizer=self.model.tokenizer,
+            frame_shift_s=self.info.frame_shift_s,
+            lang_requested=lang_requested,
+            duration_s=duration_s,
+            model_id=self.info.model_id,
+            att_context=att,
+            empty_confidence=_blank_confidence(hyp),
+        )
+
+    # -- streaming -----------------------------------------------------------------------
+
+    def stream(self, *, lang: str = AUTO, att_context: Sequence[int] | None = None) -> StreamingSession:
+        """A cache-aware streaming session; feed it PCM chunks of any size."""
+        from asr.streaming import StreamingSession
+
+        return StreamingSession(self, lang=lang, att_context=att_context)
+
+
+def pack_by_length(lengths: Sequence[int], budget_samples: float, max_batch: int) -> list[list[int]]:
+    """Indices grouped into batches: sorted by length, each batch's padded size within budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max(lengths[i], MIN_SAMPLES)
+        if current and (longest * (len(current) + 1) > budget_samples or len(current) >= max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class _NoHypothesis:
+    y_sequence: tuple = ()
+    timestamp: tuple = ()
+    token_confidence = None
+    frame_confidence = None
+
+
+_NO_HYPOTHESIS = _NoHypothesis()
+
+
+def _as_list(values: Any) -> list:
+    if values is None:
+        return []
+    if hasattr(values, "tolist"):
+        return list(values.tolist())
+    return [v.item() if hasattr(v, "item") else v for v in values]
+
+
+def _blank_confidence(hyp: Any) -> float:
+    frames = getattr(hyp, "frame_confidence", None) or []
+    values = [float(f[0]) if isinstance(f, list | tuple) else float(f) for f in frames if f is not None and (not isinstance(f, list | tuple) or f)]
+    return round(sum(values) / len(values), 4) if values else 1.0

@@ -1,0 +1,152 @@
+"""Loading NeMo ASR checkpoints: the bundled demo model, a local ``.nemo`` or a hub name.
+
+The engine only sees local paths: ``s3://`` checkpoints are fetched into a cache by
+``cluster.storage.localize`` before they get here.
+
+>>> model, info = load_model("demo")            # doctest: +SKIP
+>>> info.model_id, info.locales[:3]             # doctest: +SKIP
+('earmark-demo@3f2a9c1d0b7e', ('de-DE', 'en-US', 'es-ES'))
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_PATH = Path(__file__).parent / "demo" / "demo-model.nemo"
+#: Prompt keys that are not a locale of their own.
+AUTO = "auto"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    #: sha256 of the checkpoint file (the hub name for hub models without a local file).
+    sha256: str
+    #: Full locales the model can be asked for (``xx-XX``), sorted; empty for models without prompts.
+    locales: tuple[str, ...]
+    #: Every prompt key (locales, short aliases, ``auto``) -> prompt index, as read from the model.
+    prompt_dictionary: dict[str, int]
+    att_context_sizes: tuple[tuple[int, int], ...]
+    default_att_context: tuple[int, int]
+    #: Seconds per encoder output frame (window stride x subsampling factor).
+    frame_shift_s: float
+    sample_rate: int
+    #: False for plain RNNT models (English Nemotron 3): they take no language prompt.
+    uses_prompts: bool
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@{self.sha256[:12]}"
+
+    def prompt_index(self, lang: str) -> int:
+        """Prompt index of ``lang`` (``auto``, ``de-DE``, ``de``; case-insensitive)."""
+        if lang in self.prompt_dictionary:
+            return self.prompt_dictionary[lang]
+        folded = {k.lower(): v for k, v in self.prompt_dictionary.items()}
+        if lang.lower() in folded:
+            return folded[lang.lower()]
+        raise ValueError(
+            f"unknown language {lang!r} for model {self.name}: use 'auto' or one of {', '.join(self.locales)}"
+        )
+
+    def canonical_lang(self, lang: str) -> str:
+        """``de`` -> ``de-DE`` where the model maps both to one prompt; ``auto`` stays ``auto``."""
+        index = self.prompt_index(lang)
+        if lang.lower() == AUTO:
+            return AUTO
+        for loc in self.locales:
+            if self.prompt_dictionary[loc] == index:
+                return loc
+        return lang
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path | str:
+    """``demo`` -> the bundled file; an existing path -> itself; ``org/name`` -> the hub name."""
+    text = os.fspath(spec)
+    if text == "demo":
+        if not DEMO_MODEL_PATH.exists():
+            raise ModelLoadError(f"the bundled demo model is missing at {DEMO_MODEL_PATH}; reinstall earmark")
+        return DEMO_MODEL_PATH
+    if "://" in text:
+        raise ModelLoadError(
+            f"{text}: the engine loads local files only; fetch it with cluster.storage.localize() first "
+            "(the earmark command does this for you)"
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir() or path.suffix != ".nemo":
+            raise ModelLoadError(f"{path}: expected a .nemo checkpoint file")
+        return path
+    if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(".nemo"):
+        return text  # a hub name such as nvidia/<model>
+    raise ModelLoadError(f"{text}: no such model file; pass a .nemo path, an s3:// URI, a hub name or 'demo'")
+
+
+def load_model(spec: str | os.PathLike[str], *, device: str = "cpu") -> tuple[Any, ModelInfo]:
+    """Load a checkpoint in float32, in eval mode, on ``device``; returns (nemo model, info)."""
+    from nemo.collections.asr.models import ASRModel
+
+    target = resolve_checkpoint(spec)
+    try:
+        if isinstance(target, Path):
+            model = ASRModel.restore_from(restore_path=str(target), map_location=device)
+            name, sha = target.stem if target != DEMO_MODEL_PATH else "earmark-demo", file_sha256(target)
+        else:
+            model = ASRModel.from_pretrained(model_name=target, map_location=device)
+            name, sha = target.replace("/", "--"), hashlib.sha256(target.encode()).hexdigest()
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # NeMo raises many types; the user needs one clear message
+        raise ModelLoadError(f"{target}: could not load the checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not hasattr(model, "decoding") or not hasattr(model, "joint"):
+        raise ModelLoadError(f"{target}: {type(model).__name__} is not an RNNT model; earmark needs an RNNT/TDT checkpoint")
+    model = model.float().eval().to(device)
+    return model, model_info(model, name=name, sha256=sha)
+
+
+def model_info(model: Any, *, name: str, sha256: str) -> ModelInfo:
+    cfg = model.cfg
+    uses_prompts = bool(getattr(model, "concat", False))
+    prompts = dict(cfg.model_defaults.get("prompt_dictionary", {}) or {}) if uses_prompts else {}
+    locales = tuple(sorted(k for k in prompts if "-" in k))
+    sizes = tuple(tuple(int(v) for v in s) for s in model.encoder.att_context_size_all)
+    default = tuple(int(v) for v in model.encoder.att_context_size)
+    stride = float(cfg.preprocessor.get("window_stride", 0.01))
+    subsampling = int(getattr(model.encoder, "subsampling_factor", 8))
+    return ModelInfo(
+        name=name,
+        sha256=sha256,
+        locales=locales,
+        prompt_dictionary={str(k): int(v) for k, v in prompts.items()},
+        att_context_sizes=sizes,  # type: ignore[arg-type]
+        default_att_context=default,  # type: ignore[arg-type]
+        frame_shift_s=stride * subsampling,
+        sample_rate=int(cfg.preprocessor.get("sample_rate", 16000)),
+        uses_prompts=uses_prompts,
+    )

@@ -1,0 +1,71 @@
+"""What the engine returns: typed, frozen records with plain-data converters.
+
+A :class:`Transcript` is one clip's result. Its ``words`` and ``sentences`` carry times in
+seconds from the start of the audio that was passed in, confidences in [0, 1], and the language
+the model wrote for each sentence. Language tags never appear in ``text`` or ``words``; they live
+in ``text_raw`` (exactly what the model wrote) and in each sentence's ``lang``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    word: str
+    start_s: float
+    end_s: float
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sentence:
+    text: str
+    #: The locale the model tagged this sentence with (``None`` when it wrote no tag).
+    lang: str | None
+    start_s: float
+    end_s: float
+    confidence: float
+    #: The model's confidence in the language tag token itself.
+    lang_confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    text: str
+    text_raw: str
+    lang_requested: str
+    #: The language of most words, from the per-sentence tags (None when no tag was written).
+    lang_detected: str | None
+    sentences: tuple[Sentence, ...]
+    words: tuple[Word, ...]
+    #: Utterance confidence: mean of the word confidences (1.0 for an empty transcript is
+    #: wrong, so an empty transcript has the confidence of its blanks: see the engine).
+    confidence: float
+    duration_s: float
+    model_id: str
+    att_context: tuple[int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["att_context"] = list(self.att_context)
+        out.pop("extra")
+        return out
+
+
+def detected_language(sentences: tuple[Sentence, ...] | list[Sentence]) -> str | None:
+    """The language with the most words across sentences; ties go to the earliest sentence."""
+    counts: Counter[str] = Counter()
+    order: dict[str, int] = {}
+    for i, s in enumerate(sentences):
+        if s.lang is None:
+            continue
+        counts[s.lang] += max(1, len(s.text.split()))
+        order.setdefault(s.lang, i)
+    if not counts:
+        return None
+    return max(counts, key=lambda lang: (counts[lang], -order[lang]))

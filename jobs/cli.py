@@ -1,0 +1,167 @@
+"""The ``earmark`` command line. It parses arguments and calls library functions, nothing more.
+
+Heavy modules (torch, NeMo, Ray) are imported inside commands, so ``earmark --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="earmark",
+    help="Turn audio archives into labeled speech data and better speech models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="'demo' (bundled), a .nemo path, an s3:// URI or a hub name (nvidia/...)."),
+]
+LangOpt = Annotated[str, typer.Option("--lang", "-l", help="'auto' (detect per sentence) or a locale such as de-DE.")]
+AttOpt = Annotated[
+    str | None,
+    typer.Option("--att-context", help="Latency mode as LEFT,RIGHT, e.g. 56,13 (1120 ms chunks) ... 56,0 (80 ms)."),
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"earmark {version('earmark')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (NeMo's logs included).")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("NEMO_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore")
+    for name in ("nemo_logger", "nemo", "lightning", "pytorch_lightning", "numba"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def parse_att_context(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        left, right = (int(v) for v in value.replace(" ", "").strip("[]()").split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: write it as LEFT,RIGHT, e.g. 56,13") from None
+    return left, right
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def load_engine(model: str, device: str | None):  # -> asr.Transcriber
+    from asr.engine import Transcriber
+    from asr.model import ModelLoadError
+    from cluster.storage import StorageError, is_remote, localize
+
+    _silence_nemo()
+    try:
+        spec = localize(model) if is_remote(model) else model
+        return Transcriber.load(spec, device=device)
+    except (ModelLoadError, StorageError) as exc:
+        fail(str(exc))
+
+
+def _silence_nemo() -> None:
+    try:
+        from nemo.utils import logging as nemo_logging
+
+        if logging.getLogger().level > logging.INFO:
+            nemo_logging.setLevel(logging.ERROR)
+    except ImportError:
+        pass
+
+
+def read_audio(source: str):  # -> np.ndarray
+    from asr.audio import AudioError, decode_audio
+    from cluster.storage import StorageError, is_remote, read_bytes
+
+    try:
+        data = read_bytes(source) if is_remote(source) else Path(source)
+        return decode_audio(data)
+    except (AudioError, StorageError) as exc:
+        fail(str(exc))
+
+
+@app.command("transcribe-file")
+def transcribe_file(
+    path: Annotated[str, typer.Argument(help="An audio file: a local path or s3://bucket/key.")],
+    lang: LangOpt = "auto",
+    att_context: AttOpt = None,
+    model: ModelOpt = "demo",
+    device: DeviceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole transcript as JSON.")] = False,
+) -> None:
+    """Transcribe one file and print its text sentence by sentence, with language and confidence."""
+    from asr.engine import TranscribeOptions
+
+    att = parse_att_context(att_context)
+    audio = read_audio(path)
+    engine = load_engine(model, device)
+    try:
+        (result,) = engine.transcribe([audio], options=TranscribeOptions(lang=lang, att_context=att))
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"source": path, **result.to_dict()}, ensure_ascii=False, indent=2))
+        return
+    print_transcript(path, result)
+
+
+def print_transcript(name: str, result) -> None:  # result: asr.Transcript
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{name}  ({result.duration_s:.1f} s, {result.model_id}, att {result.att_context[0]},{result.att_context[1]})")
+    for col in ("start", "end", "lang", "conf", "text"):
+        table.add_column(col, justify="right" if col in ("start", "end", "conf") else "left")
+    for s in result.sentences:
+        table.add_row(f"{s.start_s:.2f}", f"{s.end_s:.2f}", s.lang or "-", f"{s.confidence:.2f}", s.text)
+    if not result.sentences:
+        table.add_row("-", "-", "-", f"{result.confidence:.2f}", "[dim](no speech recognised)[/dim]")
+    console.print(table)
+    console.print(f"language: {result.lang_detected or 'unknown'} (requested {result.lang_requested}), confidence {result.confidence:.2f}")
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "demo",
+    device: DeviceOpt = None,
+    att_context: AttOpt = None,
+) -> None:
+    """Transcribe the bundled sample corpus and compare with its references."""
+    from jobs.demo import run_demo
+
+    run_demo(model_spec=model, device=device, att_context=parse_att_context(att_context), engine_loader=load_engine)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

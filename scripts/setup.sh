@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up everything earmark needs on a fresh Debian/Ubuntu machine: system packages,
+# a virtual environment in .venv, torch (CPU wheel first), earmark itself with its dev tools.
+# Idempotent: a second run only checks. Usage: scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+command -v sox >/dev/null || need_apt+=(sox)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "earmark needs Python >= 3.11"'
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.earmark-setup
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    # torch before NeMo: where a CPU wheel lies on disk (pip's configured find-links or
+    # constraints), this takes it; otherwise pip would resolve a multi-GB CUDA build for NeMo.
+    .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
+    .venv/bin/pip install -q -e ".[dev]"
+    touch "$stamp"
+fi
+echo "setup: ok ($(.venv/bin/python --version), $(.venv/bin/earmark --version 2>/dev/null || echo 'earmark installed'))"
