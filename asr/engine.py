@@ -176,14 +176,12 @@ class Transcriber:
     def hypothesis_to_transcript(
         self, hyp: Any, *, lang_requested: str, duration_s: float, att: tuple[int, int], frame_offset: int = 0
     ) -> Transcript:
-        if hyp is None:  # nothing decoded yet (a stream before its first chunk)
-            hyp = _NO_HYPOTHESIS
-        ids = _as_list(hyp.y_sequence)
-        frames = [f + frame_offset for f in _as_list(hyp.timestamp)] if ids else []
+        ids = as_list(hyp.y_sequence)
+        frames = [f + frame_offset for f in as_list(hyp.timestamp)] if ids else []
         return build_transcript(
             token_ids=ids,
             frames=frames,
-            confidences=_as_list(hyp.token_confidence) if hyp.token_confidence is not None else None,
+            confidences=as_list(hyp.token_confidence) if hyp.token_confidence is not None else None,
             tokenizer=self.model.tokenizer,
             frame_shift_s=self.info.frame_shift_s,
             lang_requested=lang_requested,
@@ -218,17 +216,7 @@ def pack_by_length(lengths: Sequence[int], budget_samples: float, max_batch: int
     return batches
 
 
-class _NoHypothesis:
-    y_sequence: tuple = ()
-    timestamp: tuple = ()
-    token_confidence = None
-    frame_confidence = None
-
-
-_NO_HYPOTHESIS = _NoHypothesis()
-
-
-def _as_list(values: Any) -> list:
+def as_list(values: Any) -> list:
     if values is None:
         return []
     if hasattr(values, "tolist"):

@@ -29,8 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asr.engine import as_list
 from asr.model import AUTO
 from asr.results import Transcript
+from asr.text import strip_tags
+from asr.tokens import build_transcript
 
 if TYPE_CHECKING:
     from asr.engine import Transcriber
@@ -44,7 +47,6 @@ class StreamUpdate:
     """What a session knows after a feed: the text so far and how much audio it has decoded."""
 
     text: str
-    transcript: Transcript
     decoded_s: float
     chunks: int
 
@@ -79,12 +81,15 @@ class StreamingSession:
         # features not yet consumed by the encoder, and the pre-encode cache before them
         self._features = torch.zeros(int(model.cfg.preprocessor.features), 0)
         self._pre_cache: Any = None
-        self._hyp: Any = None
+        # the decoder's state, and every token decoded so far (ids, encoder frames, confidences)
+        self._dec_state: Any = None
+        self._ids: list[int] = []
+        self._frames: list[int] = []
+        self._confs: list[float] = []
         self._frames_out = 0
         self.chunks = 0
         self.finished = False
         self._closed = False
-        self._last: Transcript | None = None
 
     # -- public --------------------------------------------------------------------------
 
@@ -114,7 +119,7 @@ class StreamingSession:
             while self.ready():
                 step_sessions([self])
             self.finished = True
-        return self.update().transcript
+        return self.transcript()
 
     def close_input(self) -> None:
         """No more audio will come: the last partial frames and chunk become ready."""
@@ -189,14 +194,23 @@ class StreamingSession:
         return full, drop, is_last
 
     def update(self) -> StreamUpdate:
-        transcript = self.engine.hypothesis_to_transcript(
-            self._hyp,
+        """The text so far (cheap: one tokenizer call); :meth:`transcript` has words and times."""
+        text = strip_tags(self.engine.model.tokenizer.ids_to_text(self._ids)) if self._ids else ""
+        return StreamUpdate(text, self._frames_out * self.engine.info.frame_shift_s, self.chunks)
+
+    def transcript(self) -> Transcript:
+        """Everything decoded so far as a :class:`Transcript` (sentences, words, confidences)."""
+        return build_transcript(
+            token_ids=self._ids,
+            frames=self._frames,
+            confidences=self._confs,
+            tokenizer=self.engine.model.tokenizer,
+            frame_shift_s=self.engine.info.frame_shift_s,
             lang_requested=self.lang,
             duration_s=self._received / self.engine.info.sample_rate,
-            att=self.att_context,
+            model_id=self.engine.info.model_id,
+            att_context=self.att_context,
         )
-        self._last = transcript
-        return StreamUpdate(transcript.text, transcript, self._frames_out * self.engine.info.frame_shift_s, self.chunks)
 
 
 def _max_pre_cache(cfg: Any) -> int:
@@ -241,7 +255,7 @@ def transcribe_streaming(
         for s in sessions:
             if s._closed and not s.ready():
                 s.finished = True
-    return [s.update().transcript for s in sessions]
+    return [s.transcript() for s in sessions]
 
 
 def step_sessions(sessions: Sequence[StreamingSession]) -> None:
@@ -274,6 +288,8 @@ def step_sessions(sessions: Sequence[StreamingSession]) -> None:
     dev = engine.device
     caches = [torch.cat([s._cache[k] for s in sessions], dim=1 if k < 2 else 0).to(dev) for k in range(3)]
     prompts = torch.tensor([s.prompt for s in sessions], dtype=torch.long, device=dev)
+    from nemo.collections.asr.parts.utils.rnnt_utils import Hypothesis
+
     with engine._lock, torch.inference_mode():
         engine.set_att_context(att)
         enc, enc_len, c_ch, c_t, c_len = model.encoder.cache_aware_stream_step(
@@ -287,16 +303,24 @@ def step_sessions(sessions: Sequence[StreamingSession]) -> None:
         )
         if engine.info.uses_prompts:
             enc = apply_prompts(model, enc, prompts)
-        previous = [s._hyp for s in sessions]
+        # Fresh hypotheses that carry only the decoder state: NeMo then returns just this chunk's
+        # tokens (with absolute frame indices), and nothing is re-decoded or re-scored, so a
+        # step costs the same at minute 5 as at second 1.
+        previous = None
+        if sessions[0]._dec_state is not None:
+            previous = [Hypothesis(score=0.0, y_sequence=None, dec_state=s._dec_state, timestamp=None) for s in sessions]
         hyps = model.decoding.rnnt_decoder_predictions_tensor(
-            encoder_output=enc,
-            encoded_lengths=enc_len,
-            return_hypotheses=True,
-            partial_hypotheses=previous if all(h is not None for h in previous) else None,
+            encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True, partial_hypotheses=previous
         )
     for row, s in enumerate(sessions):
         s._cache = (c_ch[:, row : row + 1], c_t[:, row : row + 1], c_len[row : row + 1])
-        s._hyp = hyps[row]
+        hyp = hyps[row]
+        s._dec_state = hyp.dec_state
+        ids = as_list(hyp.y_sequence)
+        s._ids += ids
+        s._frames += as_list(hyp.timestamp)[: len(ids)]
+        confs = as_list(hyp.token_confidence)
+        s._confs += confs if len(confs) == len(ids) else [1.0] * len(ids)
         s._frames_out += int(enc_len[row])
         s.chunks += 1
 

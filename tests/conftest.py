@@ -1,1 +1,35 @@
+"""Shared fixtures: the bundled demo model, the sample corpus, a real S3 server (tests.s3server)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
 pytest_plugins = ["tests.s3server"]
+
+os.environ.setdefault("NEMO_LOGGING_LEVEL", "ERROR")
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The bundled demo model, loaded once for the whole session."""
+    from asr.engine import Transcriber
+
+    return Transcriber.load("demo", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[dict]:
+    """The sample corpus manifest (short clips and long recordings), paths made absolute."""
+    from asr.demo.corpus import load_manifest
+
+    return load_manifest()
+
+
+@pytest.fixture(scope="session")
+def short_clips(corpus) -> list[tuple[dict, object]]:
+    """(manifest row, decoded 16 kHz audio) for every short clip of the corpus."""
+    from asr.audio import decode_audio
+
+    return [(row, decode_audio(row["audio_filepath"])) for row in corpus if "sentences" not in row]

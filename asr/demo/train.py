@@ -75,9 +75,9 @@ def _render(utt: speech.Utterance) -> np.ndarray:
     return (np.clip(speech.render(utt), -1, 1) * 32767).astype(np.int16)
 
 
-def synthesize_set(utts: list[speech.Utterance], path: Path) -> list[Item]:
+def synthesize_set(utts: list[speech.Utterance], path: Path, processes: int = 2) -> list[Item]:
     items, offset = [], 0
-    with open(path.with_suffix(".int16"), "wb") as f, Pool(2) as pool:
+    with open(path.with_suffix(".int16"), "wb") as f, Pool(processes) as pool:
         for utt, audio in zip(utts, pool.imap(_render, utts, chunksize=32), strict=True):
             f.write(audio.tobytes())
             items.append(Item(offset, len(audio), tuple(s.text for s in utt.sentences), tuple(s.voice.locale for s in utt.sentences)))
@@ -135,7 +135,7 @@ def choose_prompt(rng: random.Random, item: Item) -> str | None:
     return rng.choice([loc for loc in speech.DEMO_LOCALES if loc != item.locales[0]])
 
 
-def evaluate(model, audio: np.ndarray, items: list[Item], batch: int = 32) -> dict:
+def evaluate(model, audio: np.ndarray, items: list[Item], batch: int = 32, device: str = "cpu") -> dict:
     """WER (tags removed, normalised) and sentence-language accuracy in auto mode."""
     model.eval()
     errors = words = tags_ok = tags = 0
@@ -143,7 +143,9 @@ def evaluate(model, audio: np.ndarray, items: list[Item], batch: int = 32) -> di
         for start in range(0, len(items), batch):
             idx = list(range(start, min(start + batch, len(items))))
             x, xl = collate(audio, items, idx)
-            enc, enc_len = model.forward(input_signal=x, input_signal_length=xl, prompt_indices=torch.full((len(idx),), AUTO))
+            enc, enc_len = model.forward(
+                input_signal=x.to(device), input_signal_length=xl.to(device), prompt_indices=torch.full((len(idx),), AUTO, device=device)
+            )
             hyps = model.decoding.rnnt_decoder_predictions_tensor(encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True)
             for i, hyp in zip(idx, hyps, strict=True):
                 ref = items[i]
@@ -169,16 +171,19 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--processes", type=int, default=2, help="processes synthesizing speech")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
 
     if not (work / "train.jsonl").exists():
         t0 = time.time()
-        synthesize_set(utterances(TRAIN_SEED, args.train), work / "train")
-        synthesize_set(heldout_utterances(args.heldout), work / "heldout")
+        synthesize_set(utterances(TRAIN_SEED, args.train), work / "train", args.processes)
+        synthesize_set(heldout_utterances(args.heldout), work / "heldout", args.processes)
         log.info("synthesized %d + %d clips in %.0f s", args.train, args.heldout, time.time() - t0)
     train_audio, train_items = load_set(work / "train")
     test_audio, test_items = load_set(work / "heldout")
@@ -196,7 +201,9 @@ def main() -> None:
     def lr_at(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, args.max_steps - warmup))
+        # cosine decay over whichever runs out first: steps or the time budget
+        by_time = (time.time() - t_start) / (args.minutes * 60)
+        progress = min(1.0, max((step - warmup) / max(1, args.max_steps - warmup), by_time))
         return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     rng = random.Random(0)
@@ -235,7 +242,7 @@ def main() -> None:
                          loss_rnnt.mean().item(), loss_ctc.mean().item(), lr_at(step), (time.time() - t_start) / step)
             out_of_time = time.time() - t_start > args.minutes * 60
             if step % args.eval_every == 0 or step >= args.max_steps or out_of_time:
-                metrics = evaluate(model, test_audio, test_items)
+                metrics = evaluate(model, test_audio, test_items, device=args.device)
                 metrics.update(step=step, minutes=round((time.time() - t_start) / 60, 1))
                 log.info("eval %s", metrics)
                 with open(work / "evals.jsonl", "a") as f:

@@ -1,0 +1,76 @@
+"""The earmark command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asr.model import DEMO_MODEL_PATH
+from cluster.storage import upload_file
+
+EARMARK = [sys.executable, "-m", "jobs.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*EARMARK, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_help_loads_neither_torch_nor_nemo_nor_ray():
+    code = "import sys, jobs.cli; bad = [m for m in ('torch', 'nemo', 'ray') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+    helped = run("--help")
+    assert helped.returncode == 0 and "transcribe-file" in helped.stdout
+
+
+@pytest.mark.slow
+def test_transcribe_file_prints_sentences_with_language_and_confidence(engine, corpus):
+    row = next(r for r in corpus if "sentences" not in r and len(r["langs"]) == 2)
+    (expected,) = engine.transcribe([__import__("asr.audio", fromlist=["x"]).decode_audio(row["audio_filepath"])])
+    out = run("transcribe-file", row["audio_filepath"])
+    assert out.returncode == 0, out.stderr
+    for sentence in expected.sentences:
+        assert sentence.lang in out.stdout
+        assert sentence.text.split()[0] in out.stdout
+    as_json = run("transcribe-file", row["audio_filepath"], "--json", "--lang", "de-DE", "--att-context", "56,3")
+    doc = json.loads(as_json.stdout)
+    assert doc["lang_requested"] == "de-DE" and doc["att_context"] == [56, 3]
+    assert {s["lang"] for s in doc["sentences"]} == {"de-DE"}
+    assert doc["words"] and {"word", "start_s", "end_s", "confidence"} <= set(doc["words"][0])
+
+
+def test_bad_input_gets_one_clear_error_and_exit_code_2(corpus):
+    broken = Path(corpus[0]["audio_filepath"]).parents[1] / "broken" / "truncated.wav"
+    out = run("transcribe-file", str(broken))
+    assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
+    missing = run("transcribe-file", "/nonexistent/clip.wav")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad_att = run("transcribe-file", corpus[0]["audio_filepath"], "--att-context", "56")
+    assert bad_att.returncode == 2 and "LEFT,RIGHT" in bad_att.stderr
+
+
+@pytest.mark.slow
+def test_unknown_language_lists_the_model_locales(corpus):
+    out = run("transcribe-file", corpus[0]["audio_filepath"], "--lang", "xx-YY")
+    assert out.returncode == 2 and "de-DE" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_model_and_audio_straight_from_s3(s3_server, s3_bucket, corpus, tmp_path):
+    upload_file(DEMO_MODEL_PATH, f"s3://{s3_bucket}/m/model.nemo", s3_server.options())
+    upload_file(corpus[0]["audio_filepath"], f"s3://{s3_bucket}/audio/clip.flac", s3_server.options())
+    env = {
+        "EARMARK_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "EARMARK_S3_ACCESS_KEY_ID": s3_server.access_key,
+        "EARMARK_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "EARMARK_CACHE_DIR": str(tmp_path),
+    }
+    out = run("transcribe-file", f"s3://{s3_bucket}/audio/clip.flac", "--model", f"s3://{s3_bucket}/m/model.nemo", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["model_id"].startswith("model@")
