@@ -129,8 +129,10 @@ def _resolve(source: AudioSource) -> tuple[str, str | IO[bytes]]:
     if isinstance(source, str | os.PathLike):
         path = os.fsdecode(os.fspath(source))
         if _URI.match(path):
-            raise AudioError(f"{path}: decode_audio reads local paths and bytes only; "
-                             "read the bytes through cluster.storage first and pass them in")
+            raise AudioError(
+                f"{path}: decode_audio reads local paths and bytes only; "
+                "read the bytes through cluster.storage first and pass them in"
+            )
         if os.path.isdir(path):
             raise AudioError(f"{path}: is a directory, not an audio file; pass the files inside it")
         if not os.path.isfile(path):
@@ -159,20 +161,25 @@ def _check_header(name: str, rate: int, channels: int, frames: int | None) -> No
     if channels < 1:
         raise AudioError(f"{name}: declares zero audio channels, so its header is damaged; {_REDO}")
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise AudioError(f"{name}: declares an absurd sample rate of {rate} Hz (expected "
-                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE}), so its header is damaged; {_REDO}")
+        raise AudioError(
+            f"{name}: declares an absurd sample rate of {rate} Hz (expected "
+            f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE}), so its header is damaged; {_REDO}"
+        )
     if frames == 0:
         raise AudioError(f"{name}: holds no audio (0 frames); {_REDO}, or leave it out of the input")
 
 
 def _truncated(name: str, declared_s: float, holds_s: float) -> AudioError:
-    return AudioError(f"{name}: truncated: the header declares {declared_s:.2f} s "
-                      f"but the file holds {holds_s:.2f} s; {_REDO}")
+    return AudioError(
+        f"{name}: truncated: the header declares {declared_s:.2f} s but the file holds {holds_s:.2f} s; {_REDO}"
+    )
 
 
 def _past_end(name: str, offset_s: float, end_s: float) -> AudioError:
-    return AudioError(f"{name}: the offset {offset_s:.2f} s is past the end ({end_s:.2f} s); "
-                      "pass an offset inside the file (probe_audio gives its duration)")
+    return AudioError(
+        f"{name}: the offset {offset_s:.2f} s is past the end ({end_s:.2f} s); "
+        "pass an offset inside the file (probe_audio gives its duration)"
+    )
 
 
 @contextlib.contextmanager
@@ -244,15 +251,16 @@ def _open_av(name: str, target: str | IO[bytes]) -> Any:
     try:
         return av.open(_rewind(target), metadata_errors="replace")
     except av.FFmpegError as e:
-        raise AudioError(f"{name}: not readable as audio (FFmpeg: {e.strerror}): not audio, or damaged or truncated; "
-                         f"{_CONVERT}, or re-download it") from None
+        raise AudioError(
+            f"{name}: not readable as audio (FFmpeg: {e.strerror}): not audio, or damaged or truncated; "
+            f"{_CONVERT}, or re-download it"
+        ) from None
 
 
 def _audio_stream(name: str, container: Any) -> Any:
     if not container.streams.audio:
         found = ", ".join(f"{s.type} ({s.codec_context.name})" for s in container.streams if s.codec_context)
-        raise AudioError(f"{name}: holds no audio stream (found: {found or 'nothing'}); "
-                         "pass a file with a sound track")
+        raise AudioError(f"{name}: holds no audio stream (found: {found or 'nothing'}); pass a file with a sound track")
     stream = container.streams.audio[0]
     _check_header(name, stream.codec_context.sample_rate, stream.codec_context.channels, None)
     return stream

@@ -103,7 +103,9 @@ class Transcriber:
         wanted = (int(att_context[0]), int(att_context[1]))
         if wanted not in self.info.att_context_sizes:
             modes = ", ".join(f"{a},{b}" for a, b in self.info.att_context_sizes)
-            raise ValueError(f"att_context {wanted[0]},{wanted[1]} is not a mode of {self.info.name}; use one of {modes}")
+            raise ValueError(
+                f"att_context {wanted[0]},{wanted[1]} is not a mode of {self.info.name}; use one of {modes}"
+            )
         return wanted
 
     def set_att_context(self, att_context: Sequence[int] | None) -> tuple[int, int]:
@@ -143,8 +145,12 @@ class Transcriber:
         results: list[Transcript | None] = [None] * len(audios)
         with self._lock:
             att = self.set_att_context(options.att_context)
-            for batch in pack_by_length([len(a) for a in audios], options.batch_seconds * self.info.sample_rate, options.max_batch_size):
-                outs = self._transcribe_batch([audios[i] for i in batch], [indices[i] for i in batch], [requested[i] for i in batch], att)
+            for batch in pack_by_length(
+                [len(a) for a in audios], options.batch_seconds * self.info.sample_rate, options.max_batch_size
+            ):
+                outs = self._transcribe_batch(
+                    [audios[i] for i in batch], [indices[i] for i in batch], [requested[i] for i in batch], att
+                )
                 for i, out in zip(batch, outs, strict=True):
                     results[i] = out
         return [r for r in results if r is not None]
@@ -169,7 +175,9 @@ class Transcriber:
                 encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True
             )
         return [
-            self.hypothesis_to_transcript(hyp, lang_requested=req, duration_s=len(audio) / self.info.sample_rate, att=att)
+            self.hypothesis_to_transcript(
+                hyp, lang_requested=req, duration_s=len(audio) / self.info.sample_rate, att=att
+            )
             for hyp, audio, req in zip(hyps, audios, requested, strict=True)
         ]
 
@@ -226,5 +234,9 @@ def as_list(values: Any) -> list:
 
 def _blank_confidence(hyp: Any) -> float:
     frames = getattr(hyp, "frame_confidence", None) or []
-    values = [float(f[0]) if isinstance(f, list | tuple) else float(f) for f in frames if f is not None and (not isinstance(f, list | tuple) or f)]
+    values = [
+        float(f[0]) if isinstance(f, list | tuple) else float(f)
+        for f in frames
+        if f is not None and (not isinstance(f, list | tuple) or f)
+    ]
     return round(sum(values) / len(values), 4) if values else 1.0

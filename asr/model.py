@@ -125,7 +125,9 @@ def load_model(spec: str | os.PathLike[str], *, device: str = "cpu") -> tuple[An
     except Exception as exc:  # NeMo raises many types; the user needs one clear message
         raise ModelLoadError(f"{target}: could not load the checkpoint ({type(exc).__name__}: {exc})") from exc
     if not hasattr(model, "decoding") or not hasattr(model, "joint"):
-        raise ModelLoadError(f"{target}: {type(model).__name__} is not an RNNT model; earmark needs an RNNT/TDT checkpoint")
+        raise ModelLoadError(
+            f"{target}: {type(model).__name__} is not an RNNT model; earmark needs an RNNT/TDT checkpoint"
+        )
     model = model.float().eval().to(device)
     return model, model_info(model, name=name, sha256=sha)
 

@@ -142,7 +142,9 @@ class StreamingSession:
             return
         x = torch.from_numpy(self._audio).unsqueeze(0).to(self.engine.device)
         with torch.inference_mode():
-            feats, _ = self.engine.model.preprocessor(input_signal=x, length=torch.tensor([x.shape[1]], device=x.device))
+            feats, _ = self.engine.model.preprocessor(
+                input_signal=x, length=torch.tensor([x.shape[1]], device=x.device)
+            )
         local0 = self._s0 // HOP
         new = feats[0, :, self._next_frame - local0 : last - local0 + 1].to("cpu")
         self._features = torch.cat([self._features, new], dim=1)
@@ -162,7 +164,11 @@ class StreamingSession:
         def pick(v: Any) -> int:
             return int(v[0] if first else v[1]) if isinstance(v, list | tuple) else int(v)
 
-        return pick(self.cfg.chunk_size), pick(self.cfg.pre_encode_cache_size), 0 if first else int(self.cfg.drop_extra_pre_encoded)
+        return (
+            pick(self.cfg.chunk_size),
+            pick(self.cfg.pre_encode_cache_size),
+            0 if first else int(self.cfg.drop_extra_pre_encoded),
+        )
 
     def _ready_chunk(self) -> int | None:
         size, _, _ = self._sizes()
@@ -308,7 +314,9 @@ def step_sessions(sessions: Sequence[StreamingSession]) -> None:
         # step costs the same at minute 5 as at second 1.
         previous = None
         if sessions[0]._dec_state is not None:
-            previous = [Hypothesis(score=0.0, y_sequence=None, dec_state=s._dec_state, timestamp=None) for s in sessions]
+            previous = [
+                Hypothesis(score=0.0, y_sequence=None, dec_state=s._dec_state, timestamp=None) for s in sessions
+            ]
         hyps = model.decoding.rnnt_decoder_predictions_tensor(
             encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True, partial_hypotheses=previous
         )

@@ -87,11 +87,19 @@ def main() -> None:
     end = len(audio) / 16000
     early, late = window(costs, 0.5, 10.5), window(costs, end - 10, end)
     naive = naive_feature_cost(engine, audio, piece, [1.0, end - 1])
-    print(f"stream {end:.0f} s, att_context {att}, {chunk_s * 1000:.0f} ms chunks, {len(costs)} feeds, {args.threads} thread(s)")
-    print(f"earmark session: median feed cost near 1 s {early * 1000:.2f} ms, near {end:.0f} s {late * 1000:.2f} ms, ratio {late / early:.2f}")
-    print(f"real-time factor of the session: {chunk_s / statistics.median(c for _, c in costs):.1f}x faster than real time")
+    print(
+        f"stream {end:.0f} s, att_context {att}, {chunk_s * 1000:.0f} ms chunks, {len(costs)} feeds, {args.threads} thread(s)"
+    )
+    print(
+        f"earmark session: median feed cost near 1 s {early * 1000:.2f} ms, near {end:.0f} s {late * 1000:.2f} ms, ratio {late / early:.2f}"
+    )
+    print(
+        f"real-time factor of the session: {chunk_s / statistics.median(c for _, c in costs):.1f}x faster than real time"
+    )
     n1, n2 = naive[1.0], naive[end - 1]
-    print(f"baseline (whole-utterance features each chunk, features only): near 1 s {n1 * 1000:.2f} ms, near {end:.0f} s {n2 * 1000:.2f} ms, ratio {n2 / n1:.1f}")
+    print(
+        f"baseline (whole-utterance features each chunk, features only): near 1 s {n1 * 1000:.2f} ms, near {end:.0f} s {n2 * 1000:.2f} ms, ratio {n2 / n1:.1f}"
+    )
 
 
 if __name__ == "__main__":

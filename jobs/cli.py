@@ -43,22 +43,24 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (NeMo's logs included).")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        _quiet_libraries()
-
-
-def _quiet_libraries() -> None:
     import os
-    import warnings
 
-    os.environ.setdefault("NEMO_LOGGING_LEVEL", "ERROR")
-    warnings.filterwarnings("ignore")
-    for name in ("nemo_logger", "nemo", "lightning", "pytorch_lightning", "numba"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # stdout carries results (--json); every library log goes to stderr
+    os.environ.setdefault("NEMO_REDIRECT_LOGS_TO_STDERR", "1")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        for name in ("nemo_logger", "nemo", "lightning", "pytorch_lightning", "numba", "nv_one_logger"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def parse_att_context(value: str | None) -> tuple[int, int] | None:
@@ -81,22 +83,11 @@ def load_engine(model: str, device: str | None):  # -> asr.Transcriber
     from asr.model import ModelLoadError
     from cluster.storage import StorageError, is_remote, localize
 
-    _silence_nemo()
     try:
         spec = localize(model) if is_remote(model) else model
         return Transcriber.load(spec, device=device)
     except (ModelLoadError, StorageError) as exc:
         fail(str(exc))
-
-
-def _silence_nemo() -> None:
-    try:
-        from nemo.utils import logging as nemo_logging
-
-        if logging.getLogger().level > logging.INFO:
-            nemo_logging.setLevel(logging.ERROR)
-    except ImportError:
-        pass
 
 
 def read_audio(source: str):  # -> np.ndarray
@@ -140,7 +131,9 @@ def print_transcript(name: str, result) -> None:  # result: asr.Transcript
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{name}  ({result.duration_s:.1f} s, {result.model_id}, att {result.att_context[0]},{result.att_context[1]})")
+    table = Table(
+        title=f"{name}  ({result.duration_s:.1f} s, {result.model_id}, att {result.att_context[0]},{result.att_context[1]})"
+    )
     for col in ("start", "end", "lang", "conf", "text"):
         table.add_column(col, justify="right" if col in ("start", "end", "conf") else "left")
     for s in result.sentences:
@@ -148,7 +141,9 @@ def print_transcript(name: str, result) -> None:  # result: asr.Transcript
     if not result.sentences:
         table.add_row("-", "-", "-", f"{result.confidence:.2f}", "[dim](no speech recognised)[/dim]")
     console.print(table)
-    console.print(f"language: {result.lang_detected or 'unknown'} (requested {result.lang_requested}), confidence {result.confidence:.2f}")
+    console.print(
+        f"language: {result.lang_detected or 'unknown'} (requested {result.lang_requested}), confidence {result.confidence:.2f}"
+    )
 
 
 @app.command()

@@ -27,7 +27,9 @@ def run_demo(
     console.print(f"[bold]earmark demo[/bold]: {len(rows)} clips from {CORPUS_DIR}")
     t0 = time.perf_counter()
     engine = engine_loader(model_spec, device)
-    console.print(f"model {engine.model_id} loaded in {time.perf_counter() - t0:.1f} s; locales: {', '.join(engine.info.locales)}")
+    console.print(
+        f"model {engine.model_id} loaded in {time.perf_counter() - t0:.1f} s; locales: {', '.join(engine.info.locales)}"
+    )
 
     audios = [decode_audio(r["audio_filepath"]) for r in rows]
     t1 = time.perf_counter()
@@ -68,5 +70,7 @@ def run_demo(
         f"\n[bold]{len(rows)} clips, {audio_s / 60:.1f} min of audio in {wall:.1f} s "
         f"(RTFx {audio_s / wall:.0f})  WER {wer:.1%}  sentence-language accuracy {lang_acc:.1%}[/bold]"
     )
-    console.print("This is the small demo model trained on synthetic speech; point --model at the Nemotron 3.5 .nemo for real audio.")
+    console.print(
+        "This is the small demo model trained on synthetic speech; point --model at the Nemotron 3.5 .nemo for real audio."
+    )
     return {"wer": wer, "lang_acc": lang_acc, "rtfx": audio_s / wall}

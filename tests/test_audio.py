@@ -151,7 +151,7 @@ def test_every_format_decodes_to_16khz_mono_float32_that_sounds_like_the_origina
     assert abs(dominant_hz(audio) - 440) <= 2
     assert 0.4 < level_at(audio, 1000) / level_at(audio, 440) < 0.6
     if fmt.lossless:
-        assert np.corrcoef(audio[: SAMPLE_RATE], tone(SAMPLE_RATE)[: len(audio), 0])[0, 1] > 0.99
+        assert np.corrcoef(audio[:SAMPLE_RATE], tone(SAMPLE_RATE)[: len(audio), 0])[0, 1] > 0.99
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -193,8 +193,14 @@ def test_bytes_path_and_file_objects_decode_identically(name: str, tmp_path: Pat
     from_bytes = decode_audio(data)
     with path.open("rb") as f:
         from_file = decode_audio(f)
-    for other in (decode_audio(path), decode_audio(str(path)), from_file, decode_audio(io.BytesIO(data)),
-                  decode_audio(bytearray(data)), decode_audio(Pipe())):  # type: ignore[arg-type]
+    for other in (
+        decode_audio(path),
+        decode_audio(str(path)),
+        from_file,
+        decode_audio(io.BytesIO(data)),
+        decode_audio(bytearray(data)),
+        decode_audio(Pipe()),
+    ):  # type: ignore[arg-type]
         assert np.array_equal(other, from_bytes)
 
 
@@ -215,8 +221,9 @@ def test_offset_and_duration_read_exactly_that_segment(name: str) -> None:
     assert len(at_16k) == round(0.8 * SAMPLE_RATE)
 
 
-@pytest.mark.parametrize("container, codec, rate", [("matroska", "flac", 8_000), ("ipod", "aac", 8_000),
-                                                   ("webm", "libopus", 48_000)])
+@pytest.mark.parametrize(
+    "container, codec, rate", [("matroska", "flac", 8_000), ("ipod", "aac", 8_000), ("webm", "libopus", 48_000)]
+)
 def test_a_late_offset_seeks_in_ffmpeg_containers_and_lands_within_a_millisecond(
     container: str, codec: str, rate: int
 ) -> None:
@@ -228,8 +235,10 @@ def test_a_late_offset_seeks_in_ffmpeg_containers_and_lands_within_a_millisecond
     segment = decode_audio(data, offset_s=35.25, duration_s=2.0, sample_rate=rate)
 
     # Exact where timestamps count samples; Opus in WebM is placed by millisecond timestamps.
-    errors = {shift: np.abs(segment[rate // 100 :] - full[start + shift : stop + shift][rate // 100 :]).max()
-              for shift in range(-rate // 1000, rate // 1000 + 1)}
+    errors = {
+        shift: np.abs(segment[rate // 100 :] - full[start + shift : stop + shift][rate // 100 :]).max()
+        for shift in range(-rate // 1000, rate // 1000 + 1)
+    }
     shift = min(errors, key=errors.__getitem__)
     assert len(segment) == stop - start and errors[shift] < 1e-3
     assert shift == 0 or codec == "libopus"
@@ -261,8 +270,9 @@ def test_probe_reads_the_header_of_libsndfile_and_ffmpeg_formats() -> None:
 
 def test_importing_the_module_loads_no_decoder() -> None:
     code = "import sys, asr.audio; print(sorted({'soundfile', 'av', 'soxr'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1]).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -288,33 +298,74 @@ def nan_wav() -> bytes:
 
 BAD_AUDIO = [  # (bad bytes, words that name the problem, words that say what to do)
     pytest.param(lambda: b"", "empty", "download", id="empty bytes"),
-    pytest.param(lambda: cut(FORMATS["wav-int16-8k-mono"].make(seconds=2.0)),
-                 "truncated: the header declares 2.00 s but the file holds 1.00 s", "re-export", id="truncated WAV"),
-    pytest.param(lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "WAV", "FLOAT")),
-                 "truncated: the header declares 2.00 s", "re-download", id="truncated float WAV"),
-    pytest.param(lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "FLAC", "PCM_16")),
-                 "damaged or truncated", "re-download", id="truncated FLAC"),
-    pytest.param(lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "MP3", "MPEG_LAYER_III")),
-                 "truncated: the header declares 2.00 s", "re-download", id="truncated MP3"),
-    pytest.param(lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "OGG", "VORBIS")),
-                 "damaged or truncated", "re-download", id="truncated OGG Vorbis"),
-    pytest.param(lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "OGG", "OPUS")),
-                 "damaged or truncated", "re-download", id="truncated OGG Opus"),
-    pytest.param(lambda: cut(encode_av(tone(16_000, 2.0), 16_000, "ipod", "aac")),
-                 "damaged or truncated", "re-download", id="M4A cut before its index"),
-    pytest.param(lambda: cut(encode_av(tone(48_000, 2.0), 48_000, "webm", "libopus")),
-                 "truncated: the header declares 2.01 s", "re-download", id="truncated WebM"),
+    pytest.param(
+        lambda: cut(FORMATS["wav-int16-8k-mono"].make(seconds=2.0)),
+        "truncated: the header declares 2.00 s but the file holds 1.00 s",
+        "re-export",
+        id="truncated WAV",
+    ),
+    pytest.param(
+        lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "WAV", "FLOAT")),
+        "truncated: the header declares 2.00 s",
+        "re-download",
+        id="truncated float WAV",
+    ),
+    pytest.param(
+        lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "FLAC", "PCM_16")),
+        "damaged or truncated",
+        "re-download",
+        id="truncated FLAC",
+    ),
+    pytest.param(
+        lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "MP3", "MPEG_LAYER_III")),
+        "truncated: the header declares 2.00 s",
+        "re-download",
+        id="truncated MP3",
+    ),
+    pytest.param(
+        lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "OGG", "VORBIS")),
+        "damaged or truncated",
+        "re-download",
+        id="truncated OGG Vorbis",
+    ),
+    pytest.param(
+        lambda: cut(write_soundfile(tone(16_000, 2.0), 16_000, "OGG", "OPUS")),
+        "damaged or truncated",
+        "re-download",
+        id="truncated OGG Opus",
+    ),
+    pytest.param(
+        lambda: cut(encode_av(tone(16_000, 2.0), 16_000, "ipod", "aac")),
+        "damaged or truncated",
+        "re-download",
+        id="M4A cut before its index",
+    ),
+    pytest.param(
+        lambda: cut(encode_av(tone(48_000, 2.0), 48_000, "webm", "libopus")),
+        "truncated: the header declares 2.01 s",
+        "re-download",
+        id="truncated WebM",
+    ),
     pytest.param(lambda: np.random.default_rng(0).bytes(5_000), "not readable as audio", "convert it", id="random"),
-    pytest.param(lambda: b"Dear team, the recordings are attached.\n" * 20, "not readable as audio", "convert it",
-                 id="text"),
-    pytest.param(lambda: b"WEBVTT\n\n00:01.000 --> 00:04.000\nhello world\n" * 20,
-                 "no audio stream (found: subtitle (webvtt))", "sound track", id="subtitles"),
+    pytest.param(
+        lambda: b"Dear team, the recordings are attached.\n" * 20, "not readable as audio", "convert it", id="text"
+    ),
+    pytest.param(
+        lambda: b"WEBVTT\n\n00:01.000 --> 00:04.000\nhello world\n" * 20,
+        "no audio stream (found: subtitle (webvtt))",
+        "sound track",
+        id="subtitles",
+    ),
     pytest.param(jpeg, "no audio stream (found: video (mjpeg))", "sound track", id="JPEG"),
     pytest.param(silent_video, "no audio stream (found: video (mpeg4))", "sound track", id="video without sound"),
     pytest.param(nan_wav, "NaN or infinite", "re-export", id="NaN and inf samples"),
     pytest.param(lambda: wav_header(channels=0), "Channel count is zero", "re-export", id="zero channels"),
-    pytest.param(lambda: write_soundfile(np.zeros((0, 1), np.float32), 16_000, "WAV", "PCM_16"),
-                 "no audio (0 frames)", "leave it out", id="zero frames"),
+    pytest.param(
+        lambda: write_soundfile(np.zeros((0, 1), np.float32), 16_000, "WAV", "PCM_16"),
+        "no audio (0 frames)",
+        "leave it out",
+        id="zero frames",
+    ),
     pytest.param(lambda: wav_header(rate=100), "absurd sample rate of 100 Hz", "re-export", id="100 Hz"),
     pytest.param(lambda: wav_header(rate=2_000_000), "absurd sample rate of 2000000 Hz", "re-export", id="2 MHz"),
 ]

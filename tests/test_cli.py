@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*EARMARK, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [*EARMARK, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300
+    )
 
 
 def test_help_loads_neither_torch_nor_nemo_nor_ray():
@@ -71,6 +73,13 @@ def test_model_and_audio_straight_from_s3(s3_server, s3_bucket, corpus, tmp_path
         "EARMARK_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
         "EARMARK_CACHE_DIR": str(tmp_path),
     }
-    out = run("transcribe-file", f"s3://{s3_bucket}/audio/clip.flac", "--model", f"s3://{s3_bucket}/m/model.nemo", "--json", env=env)
+    out = run(
+        "transcribe-file",
+        f"s3://{s3_bucket}/audio/clip.flac",
+        "--model",
+        f"s3://{s3_bucket}/m/model.nemo",
+        "--json",
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["model_id"].startswith("model@")

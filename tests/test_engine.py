@@ -101,8 +101,16 @@ def test_confidence_is_lower_where_the_model_is_wrong(engine, short_clips):
     noisy = [a + np.random.default_rng(i).normal(0, 0.08, len(a)).astype(np.float32) for i, a in enumerate(audios)]
     results = engine.transcribe(list(audios) + noisy)
     refs = list(rows) + list(rows)
-    wrong = [res.confidence for r, res in zip(refs, results, strict=True) if word_errors(normalize_for_wer(r["text"]), normalize_for_wer(res.text))[0]]
-    right = [res.confidence for r, res in zip(refs, results, strict=True) if not word_errors(normalize_for_wer(r["text"]), normalize_for_wer(res.text))[0]]
+    wrong = [
+        res.confidence
+        for r, res in zip(refs, results, strict=True)
+        if word_errors(normalize_for_wer(r["text"]), normalize_for_wer(res.text))[0]
+    ]
+    right = [
+        res.confidence
+        for r, res in zip(refs, results, strict=True)
+        if not word_errors(normalize_for_wer(r["text"]), normalize_for_wer(res.text))[0]
+    ]
     assert wrong and right
     assert np.mean(wrong) < np.mean(right)
 

@@ -66,7 +66,9 @@ def test_features_are_computed_incrementally_and_exactly(engine, short_clips):
         held.append(len(session._audio))
     session.close_input()
     with torch.inference_mode():
-        feats, n = engine.model.preprocessor(input_signal=torch.from_numpy(audio)[None], length=torch.tensor([len(audio)]))
+        feats, n = engine.model.preprocessor(
+            input_signal=torch.from_numpy(audio)[None], length=torch.tensor([len(audio)])
+        )
     assert torch.equal(session._features, feats[0, :, : int(n[0])])
     # the raw audio kept for feature context never grows with the stream
     assert max(held) <= 1600 + 2 * 160 + 512

@@ -73,7 +73,14 @@ def _long_recording(rng: random.Random, locales: list[str], seconds: float, name
             locale = locales[(locales.index(locale) + 1) % len(locales)]
         text = speech.random_sentence_text(rng, locale)
         audio = speech.synthesize(text, speech.random_voice(rng, locale))
-        sentences.append({"text": text, "lang": locale, "start_s": round(t, 3), "end_s": round(t + len(audio) / speech.SAMPLE_RATE, 3)})
+        sentences.append(
+            {
+                "text": text,
+                "lang": locale,
+                "start_s": round(t, 3),
+                "end_s": round(t + len(audio) / speech.SAMPLE_RATE, 3),
+            }
+        )
         pause = rng.uniform(0.6, 2.5)
         parts += [audio, np.zeros(int(pause * speech.SAMPLE_RATE), np.float32)]
         t += len(audio) / speech.SAMPLE_RATE + int(pause * speech.SAMPLE_RATE) / speech.SAMPLE_RATE
@@ -129,7 +136,9 @@ def build(out: Path = CORPUS_DIR) -> None:
     rows.append(_long_recording(rng, ["en-US"], 75, "long/en-US-talk.flac", out))
     rows.append(_long_recording(rng, ["de-DE"], 70, "long/de-DE-talk.flac", out))
     rows.append(_long_recording(rng, ["es-ES", "fr-FR", "en-US"], 90, "long/mixed-talk.flac", out))
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (out / "manifest.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     broken = _broken_files(out)
     (out / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in broken), encoding="utf-8")
     print(f"wrote {len(rows)} clips and {len(broken)} broken files to {out}")

@@ -50,9 +50,7 @@ def rnnt_loss(
         # from (t-1, u) by blank
         u_b = u.clamp(0, u1 - 1)
         prev_t = torch.cat([neg_inf.expand(batch, 1), alpha[:, :-1]], dim=1)
-        blank_prev = torch.cat(
-            [neg_inf.expand(batch, 1), blank_lp[:, t_idx[:-1], u_b[1:]]], dim=1
-        )
+        blank_prev = torch.cat([neg_inf.expand(batch, 1), blank_lp[:, t_idx[:-1], u_b[1:]]], dim=1)
         from_blank = prev_t + blank_prev
         # from (t, u-1) by emitting label u-1
         u_e = (u - 1).clamp(0, u1 - 1)

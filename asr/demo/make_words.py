@@ -4,7 +4,7 @@ Keeps frequent alphabetic words and drops every word that espeak-ng pronounces l
 kept word of the same language (``est``/``et``, ``four``/``for``): the demo model hears random
 word sequences with no language model to lean on, so homophones would put a floor under its WER.
 
-    python -m asr.demo.make_words --per-locale 200
+    python -m asr.demo.make_words --per-locale 100
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def build(locale: str, per_locale: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-locale", type=int, default=200)
+    parser.add_argument("--per-locale", type=int, default=100)
     args = parser.parse_args()
     out = Path(__file__).parent / "words"
     out.mkdir(exist_ok=True)

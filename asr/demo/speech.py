@@ -89,8 +89,7 @@ def _espeak_binary() -> str:
     path = shutil.which("espeak-ng")
     if path is None:
         raise EspeakMissingError(
-            "espeak-ng is not installed; install it with `apt-get install espeak-ng` "
-            "(`make setup` does this for you)"
+            "espeak-ng is not installed; install it with `apt-get install espeak-ng` (`make setup` does this for you)"
         )
     return path
 

@@ -62,7 +62,9 @@ def utterances(seed: int, count: int) -> list[speech.Utterance]:
     out = []
     for _ in range(count):
         max_sentences = 1 if rng.random() < 0.7 else rng.choice([2, 3])
-        out.append(speech.random_utterance(rng, rng.choice(speech.DEMO_LOCALES), max_sentences=max_sentences, switch_prob=0.6))
+        out.append(
+            speech.random_utterance(rng, rng.choice(speech.DEMO_LOCALES), max_sentences=max_sentences, switch_prob=0.6)
+        )
     return out
 
 
@@ -80,7 +82,14 @@ def synthesize_set(utts: list[speech.Utterance], path: Path, processes: int = 2)
     with open(path.with_suffix(".int16"), "wb") as f, Pool(processes) as pool:
         for utt, audio in zip(utts, pool.imap(_render, utts, chunksize=32), strict=True):
             f.write(audio.tobytes())
-            items.append(Item(offset, len(audio), tuple(s.text for s in utt.sentences), tuple(s.voice.locale for s in utt.sentences)))
+            items.append(
+                Item(
+                    offset,
+                    len(audio),
+                    tuple(s.text for s in utt.sentences),
+                    tuple(s.voice.locale for s in utt.sentences),
+                )
+            )
             offset += len(audio)
     path.with_suffix(".jsonl").write_text("".join(json.dumps(_item_row(it)) + "\n" for it in items))
     return items
@@ -144,13 +153,19 @@ def evaluate(model, audio: np.ndarray, items: list[Item], batch: int = 32, devic
             idx = list(range(start, min(start + batch, len(items))))
             x, xl = collate(audio, items, idx)
             enc, enc_len = model.forward(
-                input_signal=x.to(device), input_signal_length=xl.to(device), prompt_indices=torch.full((len(idx),), AUTO, device=device)
+                input_signal=x.to(device),
+                input_signal_length=xl.to(device),
+                prompt_indices=torch.full((len(idx),), AUTO, device=device),
             )
-            hyps = model.decoding.rnnt_decoder_predictions_tensor(encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True)
+            hyps = model.decoding.rnnt_decoder_predictions_tensor(
+                encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True
+            )
             for i, hyp in zip(idx, hyps, strict=True):
                 ref = items[i]
                 sentences = split_tagged(hyp.text)
-                e, n = word_errors(normalize_for_wer(" ".join(ref.texts)), normalize_for_wer(" ".join(s.text for s in sentences)))
+                e, n = word_errors(
+                    normalize_for_wer(" ".join(ref.texts)), normalize_for_wer(" ".join(s.text for s in sentences))
+                )
                 errors, words = errors + e, words + n
                 got = [s.lang for s in sentences]
                 tags += len(ref.locales)
@@ -172,6 +187,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--processes", type=int, default=2, help="processes synthesizing speech")
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=1024,
+        help="BPE pieces: enough that tokens are well under half the encoder frames (CTC needs that)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -190,8 +213,19 @@ def main() -> None:
 
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.model").exists():
-        architecture.build_tokenizer([it.target(None) for it in train_items], tok_dir, list(speech.DEMO_LOCALES))
-    model = architecture.build_model(tok_dir).to(args.device)
+        architecture.build_tokenizer(
+            [it.target(None) for it in train_items], tok_dir, list(speech.DEMO_LOCALES), args.vocab
+        )
+    model = architecture.build_model(tok_dir, d_model=args.d_model, n_layers=args.layers)
+    model.train()
+    architecture.center_features(
+        model,
+        [
+            collate(train_audio, train_items, [i])[0][0].numpy()
+            for i in range(0, len(train_items), max(1, len(train_items) // 300))
+        ],
+    )
+    model = model.to(args.device)
     vocab = model.tokenizer.vocab_size
     ctc_head = torch.nn.Linear(model.cfg.model_defaults.enc_hidden, vocab + 1).to(args.device)
     params = list(model.parameters()) + list(ctc_head.parameters())
@@ -225,7 +259,9 @@ def main() -> None:
 
             enc, enc_len = model.forward(input_signal=x, input_signal_length=xl, prompt_indices=p)
             dec, _, _ = model.decoder(targets=y, target_length=yl)
+            model.joint.log_softmax = False  # rnnt_loss normalises; on CPU NeMo would do it twice
             joint = model.joint(encoder_outputs=enc, decoder_outputs=dec)
+            model.joint.log_softmax = None
             loss_rnnt = rnnt_loss(joint, y, enc_len, yl, blank=vocab)
             ctc_lp = ctc_head(enc.transpose(1, 2)).log_softmax(-1).transpose(0, 1)
             loss_ctc = F.ctc_loss(ctc_lp, y, enc_len, yl, blank=vocab, reduction="none", zero_infinity=True)
@@ -238,8 +274,15 @@ def main() -> None:
             opt.step()
             step += 1
             if step % 25 == 0:
-                log.info("step %d loss %.2f (rnnt %.2f ctc %.2f) lr %.2e %.2f s/step", step, loss.item(),
-                         loss_rnnt.mean().item(), loss_ctc.mean().item(), lr_at(step), (time.time() - t_start) / step)
+                log.info(
+                    "step %d loss %.2f (rnnt %.2f ctc %.2f) lr %.2e %.2f s/step",
+                    step,
+                    loss.item(),
+                    loss_rnnt.mean().item(),
+                    loss_ctc.mean().item(),
+                    lr_at(step),
+                    (time.time() - t_start) / step,
+                )
             out_of_time = time.time() - t_start > args.minutes * 60
             if step % args.eval_every == 0 or step >= args.max_steps or out_of_time:
                 metrics = evaluate(model, test_audio, test_items, device=args.device)

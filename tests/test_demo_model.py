@@ -1,0 +1,42 @@
+"""The bundled demo model meets its card, and its training parts are sound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from asr.demo import card
+from asr.demo.losses import rnnt_loss
+
+
+@pytest.mark.slow
+def test_demo_model_meets_the_figures_on_its_card(engine):
+    """Rebuild the held-out set from its seed, transcribe it in auto mode, compare with the card."""
+    written = json.loads(card.CARD_JSON.read_text())
+    measured = card.evaluate(engine, count=written["heldout"]["clips"])
+    assert measured["wer"] <= card.TARGET_WER
+    assert measured["lang_acc"] >= card.TARGET_LANG_ACC
+    # the card states what this model really does on this machine's espeak-ng
+    assert measured["wer"] == pytest.approx(written["heldout"]["wer"], abs=0.01)
+    assert measured["lang_acc"] == pytest.approx(written["heldout"]["lang_acc"], abs=0.01)
+    assert written["sha256"] == engine.info.sha256
+
+
+def test_the_vectorised_rnnt_loss_matches_nemos_loss():
+    from nemo.collections.asr.losses.rnnt import RNNTLoss
+
+    torch.manual_seed(0)
+    batch, frames, labels, vocab = 3, 12, 5, 20
+    logits = torch.randn(batch, frames, labels + 1, vocab, requires_grad=True)
+    targets = torch.randint(0, vocab - 1, (batch, labels))
+    frame_lens, label_lens = torch.tensor([12, 9, 7]), torch.tensor([5, 3, 0])
+    ours = rnnt_loss(logits, targets, frame_lens, label_lens, blank=vocab - 1)
+    nemo = RNNTLoss(num_classes=vocab - 1, reduction=None)(
+        log_probs=logits.log_softmax(-1), targets=targets, input_lengths=frame_lens, target_lengths=label_lens
+    )
+    assert torch.allclose(ours, nemo, atol=1e-4)
+    (g1,) = torch.autograd.grad(ours.sum(), logits)
+    (g2,) = torch.autograd.grad(nemo.sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-4)
