@@ -33,18 +33,24 @@ def test_help_loads_neither_torch_nor_nemo_nor_ray():
 
 @pytest.mark.slow
 def test_transcribe_file_prints_sentences_with_language_and_confidence(engine, corpus):
+    from asr.audio import decode_audio
+    from asr.engine import TranscribeOptions
+
     row = next(r for r in corpus if "sentences" not in r and len(r["langs"]) == 2)
-    (expected,) = engine.transcribe([__import__("asr.audio", fromlist=["x"]).decode_audio(row["audio_filepath"])])
+    audio = decode_audio(row["audio_filepath"])
+    (expected,) = engine.transcribe([audio])
     out = run("transcribe-file", row["audio_filepath"])
     assert out.returncode == 0, out.stderr
+    assert "language:" in out.stdout and expected.model_id in out.stdout.replace("\n", "")
     for sentence in expected.sentences:
-        assert sentence.lang in out.stdout
+        assert (sentence.lang or "-") in out.stdout
         assert sentence.text.split()[0] in out.stdout
     as_json = run("transcribe-file", row["audio_filepath"], "--json", "--lang", "de-DE", "--att-context", "56,3")
     doc = json.loads(as_json.stdout)
+    (forced,) = engine.transcribe([audio], langs=["de-DE"], options=TranscribeOptions(att_context=(56, 3)))
     assert doc["lang_requested"] == "de-DE" and doc["att_context"] == [56, 3]
-    assert {s["lang"] for s in doc["sentences"]} == {"de-DE"}
-    assert doc["words"] and {"word", "start_s", "end_s", "confidence"} <= set(doc["words"][0])
+    assert doc["text_raw"] == forced.text_raw and doc["source"] == row["audio_filepath"]
+    assert {"text", "sentences", "words", "confidence", "model_id", "lang_detected"} <= set(doc)
 
 
 def test_bad_input_gets_one_clear_error_and_exit_code_2(corpus):

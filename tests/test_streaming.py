@@ -54,7 +54,7 @@ def test_sessions_in_different_languages_share_a_batch_without_crosstalk(engine,
     offline = engine.transcribe([audio] * 4, langs=langs, options=TranscribeOptions(att_context=(56, 6)))
     streamed = transcribe_streaming(engine, [audio] * 4, langs=langs, att_context=(56, 6))
     assert [s.text_raw for s in streamed] == [o.text_raw for o in offline]
-    assert [s.sentences[0].lang for s in streamed] == ["en-US", "de-DE", "fr-FR", "es-ES"]
+    assert [s.lang_requested for s in streamed] == ["en-US", "de-DE", "auto", "es-ES"]
 
 
 def test_features_are_computed_incrementally_and_exactly(engine, short_clips):
