@@ -58,7 +58,6 @@ def test_each_row_of_a_batch_is_conditioned_on_its_own_prompt(engine, short_clip
         assert result.text_raw == alone_t.text_raw and result.lang_requested == lang
 
 
-@needs_accurate_model
 def test_a_forced_locale_is_obeyed_and_auto_hears_the_language(engine, short_clips):
     row, audio = next((r, a) for r, a in short_clips if r["lang"] == "es-ES" and len(r["langs"]) == 1)
     forced_en, forced_de, auto = engine.transcribe([audio, audio, audio], langs=["en-US", "de-DE", "auto"])
@@ -114,10 +113,9 @@ def test_every_latency_mode_is_selectable(engine, short_clips, att):
     assert tuple(engine.model.encoder.att_context_size) == att
 
 
-@needs_accurate_model
 @pytest.mark.parametrize("att", MODES, ids=lambda a: f"{a[0]}-{a[1]}")
-def test_every_latency_mode_is_accurate(engine, short_clips, att):
-    rows, audios = zip(*short_clips[::4], strict=True)
+def test_every_latency_mode_transcribes_the_corpus(engine, short_clips, att):
+    rows, audios = zip(*short_clips, strict=True)
     results = engine.transcribe(list(audios), options=TranscribeOptions(att_context=att))
     assert wer((r["text"], res.text) for r, res in zip(rows, results, strict=True)) <= 0.25
 
@@ -130,7 +128,6 @@ def test_batch_packing_does_not_change_results(engine, short_clips):
     assert [r.confidence for r in one_by_one] == pytest.approx([r.confidence for r in packed], abs=1e-3)
 
 
-@needs_accurate_model
 def test_confidence_is_lower_where_the_model_is_wrong(engine, short_clips):
     rows, audios = zip(*short_clips, strict=True)
     noisy = [a + np.random.default_rng(i).normal(0, 0.08, len(a)).astype(np.float32) for i, a in enumerate(audios)]
