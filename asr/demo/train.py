@@ -187,7 +187,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--processes", type=int, default=2, help="processes synthesizing speech")
-    parser.add_argument("--init-from", type=Path, default=None, help="continue from a .nemo (its tokenizer and features)")
+    parser.add_argument(
+        "--init-from", type=Path, default=None, help="continue from a .nemo (its tokenizer and features)"
+    )
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
