@@ -147,15 +147,129 @@ def print_transcript(name: str, result) -> None:  # result: asr.Transcript
 
 
 @app.command()
+def transcribe(
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="A folder, a glob ('talks/**/*.wav'), a NeMo manifest (.json/.jsonl) or s3://bucket/prefix."
+        ),
+    ],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Output folder (local or s3://) for the Parquet pseudo-labels.")
+    ],
+    lang: LangOpt = "auto",
+    att_context: AttOpt = None,
+    model: ModelOpt = "demo",
+    device: DeviceOpt = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else Ray starts embedded)."),
+    ] = None,
+    actors: Annotated[
+        int | None, typer.Option("--actors", help="Model actors (default: one per GPU, or 1 on CPU).")
+    ] = None,
+    gpus_per_actor: Annotated[
+        float | None,
+        typer.Option("--gpus-per-actor", help="GPUs per actor (default 1 when the cluster has GPUs, else 0)."),
+    ] = None,
+    batch_seconds: Annotated[
+        float, typer.Option("--batch-seconds", help="Padded audio seconds per forward pass (clips packed by duration).")
+    ] = 300.0,
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option("--endpoint-url", help="S3-compatible endpoint (default: $EARMARK_S3_ENDPOINT_URL, else AWS)."),
+    ] = None,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Input clips per shard, the unit of commit and resume.", min=1)
+    ] = 256,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the summary JSON.")] = False,
+) -> None:
+    """Transcribe an archive into Parquet pseudo-labels; rerun the same command to resume."""
+    import dataclasses
+
+    from cluster.storage import StorageOptions
+    from jobs.stages import JobSettings
+    from jobs.transcribe import JobError, TranscribeRequest, run_transcribe
+
+    storage_options = StorageOptions.from_env()
+    if endpoint_url:
+        storage_options = dataclasses.replace(storage_options, endpoint_url=endpoint_url)
+    settings = JobSettings(
+        run_id="",
+        lang=lang,
+        model=model,
+        att_context=parse_att_context(att_context),
+        batch_seconds=batch_seconds,
+        device=device,
+        storage=storage_options,
+    )
+    request = TranscribeRequest(
+        input=input,
+        out=out,
+        settings=settings,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        address=address,
+        lines_per_shard=shard_size,
+        quiet=quiet,
+    )
+    try:
+        summary = run_transcribe(request)
+    except (JobError, ValueError) as exc:
+        fail(str(exc))
+    if quiet:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    run = summary["this_run"]
+    console.print(
+        f"[bold]{summary['out']}[/bold]: {summary['rows']} clips ({summary['clips_ok']} ok, {summary['clips_error']} errors), "
+        f"{summary['audio_hours']:.3f} h of audio; this run transcribed {run['rows_transcribed']} clips "
+        f"in {run['wall_s']:.1f} s (RTFx {run['rtfx']:.0f})"
+    )
+    if summary["per_language"]:
+        console.print("languages: " + ", ".join(f"{k} {v}" for k, v in summary["per_language"].items()))
+    if summary["confidence_quantiles"]:
+        console.print("confidence: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["confidence_quantiles"].items()))
+    for reason in summary["error_examples"]:
+        console.print(f"[yellow]error:[/yellow] {reason}")
+
+
+@app.command()
 def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo's pseudo-labels go.")] = Path(
+        "build/demo/labels"
+    ),
     model: ModelOpt = "demo",
     device: DeviceOpt = None,
     att_context: AttOpt = None,
 ) -> None:
-    """Transcribe the bundled sample corpus and compare with its references."""
+    """Run the main job (earmark transcribe) on the bundled sample corpus and score it."""
+    from cluster.storage import StorageOptions
     from jobs.demo import run_demo
+    from jobs.stages import JobSettings
+    from jobs.transcribe import JobError, TranscribeRequest, run_transcribe
 
-    run_demo(model_spec=model, device=device, att_context=parse_att_context(att_context), engine_loader=load_engine)
+    settings = JobSettings(
+        run_id="", model=model, device=device, att_context=parse_att_context(att_context), storage=StorageOptions()
+    )
+
+    def run_job(manifest: Path, out: Path) -> dict:
+        try:
+            return run_transcribe(
+                TranscribeRequest(input=str(manifest), out=str(out), settings=settings, lines_per_shard=32)
+            )
+        except (JobError, ValueError) as exc:
+            fail(str(exc))
+            raise
+
+    run_demo(out=out.resolve(), run_job=run_job)
 
 
 if __name__ == "__main__":  # pragma: no cover

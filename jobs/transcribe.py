@@ -1,0 +1,357 @@
+"""``earmark transcribe``: an archive in, pseudo-labels out, on Ray Data, exactly once.
+
+    plan (driver, streaming)     shards = byte ranges of a manifest (a listing is written as one)
+      -> ReadStage   (CPU tasks)   one row per input clip
+      -> DecodeStage (CPU tasks)   audio decoded once, resampled, long recordings split at pauses
+      -> TranscribeStage (actors)  the engine, loaded once per actor, batches packed by duration
+      -> ShardCommitter (driver)   one Parquet part per complete shard, atomically
+
+Waveforms go from decode tasks to actors through Ray's object store, never through the driver;
+the driver sees result rows only. Rerunning the same command resumes: finished shards are
+skipped, and a finished job does no model work at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+from cluster import storage
+from jobs import clips
+from jobs.commit import META_DIR, ShardCommitter, done_shards, join
+from jobs.stages import DecodeStage, JobSettings, ReadStage, TranscribeStage, rows_of
+from labeling.pseudo_labels import SCHEMA, STATUS_OK
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = SCHEMA.append(pa.field("shard", pa.int64())).append(pa.field("shard_items", pa.int64()))
+RESULT_SCHEMA = RESULT_SCHEMA.append(pa.field("item_index", pa.int64())).append(pa.field("node", pa.string()))
+#: Settings that must not change between a run and its resumption.
+RESUME_KEYS = ("lang", "model", "att_context", "max_segment_s")
+
+
+class JobError(RuntimeError):
+    """The job cannot start or go on; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class TranscribeRequest:
+    input: str
+    out: str
+    settings: JobSettings
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    address: str | None = None
+    #: Input clips per shard (the unit of commit and of resume).
+    lines_per_shard: int = 256
+    #: Rows handed to an actor per call (the engine packs them by duration).
+    batch_rows: int = 64
+    quiet: bool = False
+
+
+def run_transcribe(req: TranscribeRequest) -> dict[str, Any]:
+    """Run (or resume) the job and return its summary (also written to ``OUT/_earmark/summary.json``)."""
+    started = time.perf_counter()
+    opts = req.settings.storage
+    run = _prepare_run(req)
+    settings = replace(req.settings, run_id=run["run_id"])
+    shards = clips.plan_shards(run["manifest"], shard_bytes=run["shard_bytes"], options=opts)
+    done = done_shards(req.out, opts)
+    pending = [s for s in shards if s.index not in done]
+    stats = _RunStats()
+    if pending:
+        log.info("%d of %d shards to do", len(pending), len(shards))
+        _process(req, settings, pending, run, stats)
+    summary = write_summary(req.out, run=run, stats=stats, wall_s=time.perf_counter() - started, options=opts)
+    storage.write_bytes(join(req.out, "_SUCCESS"), b"", opts)
+    return summary
+
+
+def _prepare_run(req: TranscribeRequest) -> dict[str, Any]:
+    """Read ``run.json`` (a resumed job) or write it (a new one), planning the input once."""
+    opts = req.settings.storage
+    run_uri = join(req.out, META_DIR, "run.json")
+    wanted = {k: _jsonable(getattr(req.settings, k)) for k in RESUME_KEYS} | {
+        "model_sha256": _model_sha(req.settings.model)
+    }
+    if storage.exists(run_uri, opts):
+        run = json.loads(storage.read_bytes(run_uri, opts))
+        if run["input"] != req.input or run["settings"] != wanted:
+            raise JobError(
+                f"{req.out} holds a job of {run['input']} with {run['settings']}; this one is {req.input} with {wanted}. "
+                "Rerun with the same input and options to resume it, or choose another --out."
+            )
+        if storage.size(run["manifest"], opts) != run["manifest_size"]:
+            raise JobError(
+                f"{run['manifest']} changed since this job started; the finished parts would not match it. "
+                "Choose another --out for the new manifest."
+            )
+        return run
+    if clips.is_manifest(req.input):
+        if not storage.exists(req.input, opts):
+            raise JobError(f"{req.input}: no such manifest; check the path")
+        manifest = req.input if storage.is_remote(req.input) else _abspath(req.input)
+    else:
+        manifest = join(req.out, META_DIR, "inputs.jsonl")
+        try:
+            clips.write_listing(req.input, manifest, opts)
+        except (clips.InputError, storage.StorageError) as exc:
+            raise JobError(str(exc)) from None
+    try:
+        shard_bytes = clips.estimate_shard_bytes(manifest, lines_per_shard=req.lines_per_shard, options=opts)
+        size = storage.size(manifest, opts)
+        if size == 0:
+            raise clips.InputError(f"{manifest}: the manifest is empty; give it one JSON object per line")
+    except (clips.InputError, storage.StorageError) as exc:
+        raise JobError(str(exc)) from None
+    run = {
+        "run_id": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6],
+        "input": req.input,
+        "manifest": manifest,
+        "manifest_size": size,
+        "shard_bytes": shard_bytes,
+        "settings": wanted,
+        "started_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    storage.write_bytes(run_uri, json.dumps(run, indent=2).encode(), opts)
+    return run
+
+
+def _process(
+    req: TranscribeRequest, settings: JobSettings, pending: list[clips.Shard], run: dict, stats: _RunStats
+) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from cluster.runtime import connect, plan_actors
+
+    connect(req.address, quiet=True)
+    resources = ray.cluster_resources()
+    plan = plan_actors(
+        actors=req.actors,
+        gpus_per_actor=req.gpus_per_actor,
+        cluster_cpus=resources.get("CPU", 1),
+        cluster_gpus=resources.get("GPU", 0),
+    )
+    settings = replace(settings, threads=plan.threads)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+    ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
+    ds = ds.flat_map(ReadStage(settings), num_cpus=0.25)
+    ds = ds.flat_map(DecodeStage(settings), num_cpus=1)
+    ds = ds.map_batches(
+        _TranscribeActor,
+        fn_constructor_kwargs={"settings": settings},
+        compute=ActorPoolStrategy(size=plan.actors),
+        batch_size=req.batch_rows,
+        batch_format="numpy",
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor or None,
+        scheduling_strategy="SPREAD",  # one model per node before two on one
+    )
+    committer = ShardCommitter(req.out, options=settings.storage)
+    total_items, total_audio = _totals(run, req.settings.storage)
+    with _Progress(quiet=req.quiet, total_audio_s=total_audio, total_items=total_items, plan=plan.describe()) as bar:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            stats.add(batch)
+            committer.add(batch)
+            bar.update(stats)
+    unseen = [s.index for s in pending if s.index not in committer.committed]
+    stuck = [i for i in unseen if i in committer.pending]
+    if stuck:
+        raise JobError(f"shards {stuck[:5]} came back incomplete; rerun the same command to redo them")
+    for index in unseen:  # byte ranges that held no line start
+        committer.write_empty(index)
+
+
+class _TranscribeActor:
+    """The Ray actor around :class:`TranscribeStage`: model loaded once, rows out as Arrow."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+        self.stage = TranscribeStage(settings)
+        self.stage.setup()
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        rows = self.stage.process_rows(rows_of(batch))
+        for row in rows:
+            row["node"] = self.node
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+@dataclass
+class _RunStats:
+    rows: int = 0
+    ok: int = 0
+    errors: int = 0
+    audio_s: float = 0.0
+    items: int = 0
+    nodes: Counter[str] = field(default_factory=Counter)
+
+    def add(self, batch: pa.Table) -> None:
+        self.nodes.update(batch.column("node").to_pylist())
+        status = batch.column("status").to_pylist()
+        durations = batch.column("duration_s").to_pylist()
+        self.rows += batch.num_rows
+        self.ok += sum(1 for s in status if s == STATUS_OK)
+        self.errors += sum(1 for s in status if s != STATUS_OK)
+        self.audio_s += sum(d or 0.0 for s, d in zip(status, durations, strict=True) if s == STATUS_OK)
+        segs = batch.column("segment_index").to_pylist()
+        self.items += sum(1 for k in segs if k == 0)
+
+
+def _totals(run: dict, opts: storage.StorageOptions) -> tuple[int, float | None]:
+    if "total_items" not in run:
+        run["total_items"], run["total_audio_s"] = clips.count_lines(run["manifest"], opts)
+    return run["total_items"], run["total_audio_s"]
+
+
+class _Progress:
+    """A progress bar in audio hours with the running RTFx and an ETA (clips when durations are unknown)."""
+
+    def __init__(self, *, quiet: bool, total_audio_s: float | None, total_items: int, plan: str) -> None:
+        self.quiet = quiet
+        self.total_audio_s = total_audio_s
+        self.total_items = total_items
+        self.plan = plan
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if self.quiet:
+            return self
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]transcribing[/bold]"),
+            BarColumn(),
+            TextColumn("{task.fields[audio]}"),
+            TextColumn("RTFx {task.fields[rtfx]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("{task.fields[clips]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self.progress.start()
+        self.progress.console.print(f"[dim]{self.plan}[/dim]")
+        total = self.total_audio_s if self.total_audio_s else self.total_items
+        self.task = self.progress.add_task("t", total=total, audio="", rtfx="-", eta="-", clips="")
+        return self
+
+    def update(self, stats: _RunStats) -> None:
+        if self.quiet:
+            return
+        wall = time.perf_counter() - self.t0
+        rtfx = stats.audio_s / wall if wall > 0 else 0.0
+        hours = stats.audio_s / 3600
+        if self.total_audio_s:
+            done, total, left = stats.audio_s, self.total_audio_s, self.total_audio_s - stats.audio_s
+            eta_s = left / rtfx if rtfx > 0 else None
+            audio = f"{hours:.3f}/{self.total_audio_s / 3600:.3f} h audio"
+        else:
+            done, total = stats.items, self.total_items
+            rate = stats.items / wall if wall > 0 else 0.0
+            eta_s = (total - done) / rate if rate > 0 else None
+            audio = f"{hours:.3f} h audio"
+        eta = "-" if eta_s is None else str(dt.timedelta(seconds=int(max(0, eta_s))))
+        self.progress.update(
+            self.task,
+            completed=min(done, total),
+            audio=audio,
+            rtfx=f"{rtfx:.0f}",
+            eta=eta,
+            clips=f"{stats.items}/{self.total_items} clips, {stats.errors} errors",
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.quiet:
+            self.progress.stop()
+
+
+def write_summary(
+    out: str, *, run: dict[str, Any], stats: _RunStats, wall_s: float, options: storage.StorageOptions | None
+) -> dict[str, Any]:
+    """Summarize every part in ``out`` (not only this run's) into ``_earmark/summary.json``."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    fs, root = storage.pyarrow_filesystem(out, options)
+    table = pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
+        columns=["clip_id", "item_id", "status", "error", "duration_s", "lang_detected", "confidence", "model_id"]
+    )
+    status = table.column("status").to_pylist()
+    ok = [s == STATUS_OK for s in status]
+    durations = table.column("duration_s").to_pylist()
+    audio_s = sum(d or 0.0 for d, k in zip(durations, ok, strict=True) if k)
+    langs = Counter(lang for lang, k in zip(table.column("lang_detected").to_pylist(), ok, strict=True) if k)
+    conf = np.array([c for c in table.column("confidence").to_pylist() if c is not None], dtype=float)
+    errors = [e for e, k in zip(table.column("error").to_pylist(), ok, strict=True) if not k]
+    ids = table.column("clip_id").to_pylist()
+    summary = {
+        "input": run["input"],
+        "out": out,
+        "run_id": run["run_id"],
+        "model_ids": sorted(set(m for m in table.column("model_id").to_pylist() if m)),
+        "settings": run["settings"],
+        "rows": table.num_rows,
+        "unique_clip_ids": len(set(ids)),
+        "items": len(set(table.column("item_id").to_pylist())),
+        "clips_ok": sum(ok),
+        "clips_error": len(ok) - sum(ok),
+        "audio_hours": audio_s / 3600,
+        "per_language": {str(k): v for k, v in sorted(langs.items(), key=lambda kv: -kv[1])},
+        "confidence_quantiles": (
+            {f"p{int(q * 100):02d}": float(np.quantile(conf, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
+            if len(conf)
+            else {}
+        ),
+        "error_examples": errors[:5],
+        "this_run": {
+            "rows_transcribed": stats.rows,
+            "audio_hours": stats.audio_s / 3600,
+            "wall_s": wall_s,
+            "rtfx": stats.audio_s / wall_s if wall_s > 0 else 0.0,
+            "clips_per_node": dict(stats.nodes),
+        },
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    storage.write_bytes(join(out, META_DIR, "summary.json"), json.dumps(summary, indent=2).encode(), options)
+    return summary
+
+
+def _model_sha(spec: str) -> str | None:
+    """The checkpoint's content hash when it is a local file (so a retrained model is not mixed in)."""
+    from pathlib import Path
+
+    from asr.model import ModelLoadError, file_sha256, resolve_checkpoint
+
+    if storage.is_remote(spec):
+        return None  # checked by the actors, which fetch it into their node's cache
+    try:
+        path = resolve_checkpoint(spec)
+    except ModelLoadError as exc:  # fail before starting Ray, not inside an actor
+        raise JobError(str(exc)) from None
+    return file_sha256(path) if isinstance(path, Path) else None
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _abspath(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path).resolve())
