@@ -22,3 +22,5 @@ demo-model: setup
 
 bench: setup
 	.venv/bin/python benchmarks/streaming_cost.py
+	.venv/bin/python benchmarks/transcribe_throughput.py
+	.venv/bin/python benchmarks/manifest_scale.py

@@ -63,7 +63,7 @@ def run_transcribe(req: TranscribeRequest) -> dict[str, Any]:
     opts = req.settings.storage
     run = _prepare_run(req)
     settings = replace(req.settings, run_id=run["run_id"])
-    shards = clips.plan_shards(run["manifest"], shard_bytes=run["shard_bytes"], options=opts)
+    shards = run_shards(run, opts)
     done = done_shards(req.out, opts)
     pending = [s for s in shards if s.index not in done]
     stats = _RunStats()
@@ -73,6 +73,24 @@ def run_transcribe(req: TranscribeRequest) -> dict[str, Any]:
     summary = write_summary(req.out, run=run, stats=stats, wall_s=time.perf_counter() - started, options=opts)
     storage.write_bytes(join(req.out, "_SUCCESS"), b"", opts)
     return summary
+
+
+def run_shards(run: dict[str, Any], options: storage.StorageOptions | None = None) -> list[clips.Shard]:
+    return clips.plan_shards(run["manifest"], shard_bytes=run["shard_bytes"], options=options)
+
+
+def _finished_so_far(out: str, options: storage.StorageOptions | None) -> _RunStats:
+    """What the parts already in ``out`` hold (a resumed job's bar starts there)."""
+    import pyarrow.dataset as pads
+
+    fs, root = storage.pyarrow_filesystem(out, options)
+    table = pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
+        columns=["status", "duration_s", "segment_index"]
+    )
+    stats = _RunStats()
+    stats.add(table.append_column("node", pa.nulls(table.num_rows, pa.string())))
+    stats.nodes.clear()
+    return stats
 
 
 def _prepare_run(req: TranscribeRequest) -> dict[str, Any]:
@@ -163,7 +181,10 @@ def _process(
     )
     committer = ShardCommitter(req.out, options=settings.storage)
     total_items, total_audio = _totals(run, req.settings.storage)
-    with _Progress(quiet=req.quiet, total_audio_s=total_audio, total_items=total_items, plan=plan.describe()) as bar:
+    prior = _finished_so_far(req.out, settings.storage) if len(pending) < len(run_shards(run)) else _RunStats()
+    with _Progress(
+        quiet=req.quiet, total_audio_s=total_audio, total_items=total_items, plan=plan.describe(), prior=prior
+    ) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             stats.add(batch)
             committer.add(batch)
@@ -223,8 +244,11 @@ def _totals(run: dict, opts: storage.StorageOptions) -> tuple[int, float | None]
 class _Progress:
     """A progress bar in audio hours with the running RTFx and an ETA (clips when durations are unknown)."""
 
-    def __init__(self, *, quiet: bool, total_audio_s: float | None, total_items: int, plan: str) -> None:
+    def __init__(
+        self, *, quiet: bool, total_audio_s: float | None, total_items: int, plan: str, prior: _RunStats
+    ) -> None:
         self.quiet = quiet
+        self.prior = prior
         self.total_audio_s = total_audio_s
         self.total_items = total_items
         self.plan = plan
@@ -255,17 +279,17 @@ class _Progress:
         if self.quiet:
             return
         wall = time.perf_counter() - self.t0
-        rtfx = stats.audio_s / wall if wall > 0 else 0.0
-        hours = stats.audio_s / 3600
+        rtfx = stats.audio_s / wall if wall > 0 else 0.0  # this run's speed
+        audio_s, items = stats.audio_s + self.prior.audio_s, stats.items + self.prior.items
         if self.total_audio_s:
-            done, total, left = stats.audio_s, self.total_audio_s, self.total_audio_s - stats.audio_s
-            eta_s = left / rtfx if rtfx > 0 else None
-            audio = f"{hours:.3f}/{self.total_audio_s / 3600:.3f} h audio"
+            done, total = audio_s, self.total_audio_s
+            eta_s = (total - done) / rtfx if rtfx > 0 else None
+            audio = f"{audio_s / 3600:.3f}/{total / 3600:.3f} h audio"
         else:
-            done, total = stats.items, self.total_items
+            done, total = items, self.total_items
             rate = stats.items / wall if wall > 0 else 0.0
             eta_s = (total - done) / rate if rate > 0 else None
-            audio = f"{hours:.3f} h audio"
+            audio = f"{audio_s / 3600:.3f} h audio"
         eta = "-" if eta_s is None else str(dt.timedelta(seconds=int(max(0, eta_s))))
         self.progress.update(
             self.task,
@@ -273,11 +297,13 @@ class _Progress:
             audio=audio,
             rtfx=f"{rtfx:.0f}",
             eta=eta,
-            clips=f"{stats.items}/{self.total_items} clips, {stats.errors} errors",
+            clips=f"{items}/{self.total_items} clips, {stats.errors + self.prior.errors} errors",
         )
 
     def __exit__(self, *exc: Any) -> None:
         if not self.quiet:
+            if exc[0] is None:  # silences cut out of long recordings never count as audio: fill the bar
+                self.progress.update(self.task, completed=self.progress.tasks[0].total, eta="0:00:00")
             self.progress.stop()
 
 

@@ -301,3 +301,37 @@ def test_the_job_runs_across_a_multi_node_ray_cluster(archive: Path, tmp_path: P
     assert summary["rows"] == summary["clips_ok"] == len(manifest.read_text().splitlines())
     per_node = summary["this_run"]["clips_per_node"]
     assert len(per_node) == 2 and min(per_node.values()) > 0, per_node
+
+
+def test_a_killed_model_worker_is_replaced_and_the_job_ends_with_every_clip_once(
+    archive: Path, tmp_path: Path, job
+) -> None:
+    import psutil
+
+    out = tmp_path / "worker-killed"
+    started = time.time()
+    proc = _spawn(
+        ["transcribe", str(archive), "--out", str(out), "--shard-size", "8", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while not list(out.glob("part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the job ended or stalled before its first part"
+        time.sleep(0.2)
+    actors = [
+        p
+        for p in psutil.process_iter(["cmdline", "create_time"])
+        if "_TranscribeActor" in " ".join(p.info["cmdline"] or ()) and p.info["create_time"] >= started - 1
+    ]
+    assert actors, "no model actor process found"
+    for actor in actors:
+        actor.kill()  # SIGKILL, mid-run
+
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    summary = json.loads(stdout)
+    _, reference, ref_rows = job
+    rows = pq.read_table(out).to_pylist()
+    assert sorted(r["clip_id"] for r in rows) == sorted(r["clip_id"] for r in ref_rows)
+    assert summary["rows"] == summary["unique_clip_ids"] == reference["rows"]
