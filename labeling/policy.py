@@ -145,10 +145,19 @@ def route(rows: Iterable[Mapping[str, Any]], policy: Policy) -> list[Decision]:
 
 def apply_budget(decisions: Sequence[Decision], policy: Policy) -> list[Decision]:
     """Keep the least confident reviews within the budget; the rest become rejects."""
-    if policy.max_per_language is None and policy.max_fraction is None:
-        return list(decisions)
-    reviews = sorted((d for d in decisions if d.decision == REVIEW), key=lambda d: (d.priority, d.clip_id))
-    overall = math.inf if policy.max_fraction is None else math.floor(policy.max_fraction * len(decisions))
+    kept = budget_keep([d for d in decisions if d.decision == REVIEW], total=len(decisions), policy=policy)
+    return [
+        Decision(d.clip_id, REJECT, (*d.reasons, "over the review budget"), d.lang, d.priority)
+        if d.decision == REVIEW and d.clip_id not in kept
+        else d
+        for d in decisions
+    ]
+
+
+def budget_keep(reviews: Iterable[Decision], *, total: int, policy: Policy) -> set[str]:
+    """The ``clip_id`` s of ``reviews`` that fit the budget (``total`` = all rows routed)."""
+    reviews = sorted(reviews, key=lambda d: (d.priority, d.clip_id))
+    overall = math.inf if policy.max_fraction is None else math.floor(policy.max_fraction * total)
     per_lang: Counter[str | None] = Counter()
     kept: set[str] = set()
     for d in reviews:
@@ -158,12 +167,7 @@ def apply_budget(decisions: Sequence[Decision], policy: Policy) -> list[Decision
             continue
         per_lang[d.lang] += 1
         kept.add(d.clip_id)
-    out = []
-    for d in decisions:
-        if d.decision == REVIEW and d.clip_id not in kept:
-            d = Decision(d.clip_id, REJECT, (*d.reasons, "over the review budget"), d.lang, d.priority)
-        out.append(d)
-    return out
+    return kept
 
 
 def repeated_ngram(text: str, n: int) -> tuple[str, int] | None:

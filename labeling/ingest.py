@@ -1,0 +1,204 @@
+"""``earmark route``: pseudo-labels (Parquet) -> routed clips and review tasks, in bulk.
+
+Two streaming passes over the Parquet table (a file, a folder of parts, local or ``s3://``):
+
+1. every row is checked against the policy; only the review candidates' ``(clip_id, language,
+   confidence)`` are kept, and the review budget picks among them;
+2. rows go to the database in batches: new clips are inserted in bulk, clips whose label did not
+   change are left alone (routing the same table twice changes nothing), clips with a newer label
+   are updated with the old one appended to ``label_history``; review tasks are created for the
+   routed clips that have none. Reviews already done are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, select
+
+from cluster import storage
+from labeling.models import Clip, Run, Task, utcnow
+from labeling.policy import REVIEW, Decision, Policy, budget_keep, check
+from labeling.queue import ReviewQueue
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = (
+    "clip_id", "item_id", "source_uri", "offset_s", "duration_s", "status", "error", "text", "text_raw",
+    "lang_requested", "lang_detected", "confidence", "sentences", "words", "model_id", "run_id",
+)  # fmt: skip
+
+
+@dataclass
+class RouteReport:
+    rows: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    tasks_created: int = 0
+    decisions: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def read_batches(
+    source: str, *, batch_rows: int, options: storage.StorageOptions | None = None
+) -> Iterator[list[dict]]:
+    """Rows of the pseudo-label table at ``source`` in lists of ``batch_rows`` (streamed)."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.pyarrow_filesystem(source, options)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    for batch in dataset.to_batches(columns=list(LABEL_COLUMNS), batch_size=batch_rows):
+        yield batch.to_pylist()
+
+
+def route_table(
+    queue: ReviewQueue,
+    project: str,
+    source: str,
+    policy: Policy,
+    *,
+    batch_rows: int = 10_000,
+    options: storage.StorageOptions | None = None,
+) -> RouteReport:
+    report = RouteReport(decisions={})
+    # pass 1: the budget needs every review candidate before any is chosen
+    candidates: list[Decision] = []
+    total = 0
+    for rows in read_batches(source, batch_rows=batch_rows, options=options):
+        total += len(rows)
+        for row in rows:
+            decision, reasons = check(row, policy)
+            if decision == REVIEW:
+                candidates.append(Decision(row["clip_id"], REVIEW, (), row.get("lang_detected"), _priority(row)))
+    kept = budget_keep(candidates, total=total, policy=policy)
+    del candidates
+    # pass 2: write
+    with queue.Session.begin() as s:
+        pid = queue.project_id(s, project, create=True)
+    runs: dict[str, int] = {}
+    for rows in read_batches(source, batch_rows=batch_rows, options=options):
+        with queue.Session.begin() as s:
+            for row in rows:
+                run_id = row["run_id"]
+                if run_id not in runs:
+                    runs[run_id] = _run_pk(s, pid, run_id, row.get("model_id"), source)
+            _write_batch(s, pid, rows, policy, kept, runs, report)
+        report.rows += len(rows)
+    return report
+
+
+def _priority(row: dict) -> float:
+    conf = row.get("confidence")
+    return -1.0 if conf is None else float(conf)
+
+
+def _run_pk(s: Any, pid: int, run_id: str, model_id: str | None, source: str) -> int:
+    pk = s.scalar(select(Run.id).where(Run.project_id == pid, Run.run_id == run_id))
+    if pk is None:
+        run = Run(project_id=pid, run_id=run_id, model_id=model_id, source=source)
+        s.add(run)
+        s.flush()
+        pk = run.id
+    return pk
+
+
+def _write_batch(
+    s: Any, pid: int, rows: list[dict], policy: Policy, kept: set[str], runs: dict[str, int], report: RouteReport
+) -> None:
+    ids = [r["clip_id"] for r in rows]
+    existing = {
+        cid: (pk, run_pk, text_raw, decision)
+        for cid, pk, run_pk, text_raw, decision in s.execute(
+            select(Clip.clip_id, Clip.id, Clip.run_pk, Clip.text_raw, Clip.decision).where(
+                Clip.project_id == pid, Clip.clip_id.in_(ids)
+            )
+        )
+    }
+    new_rows, review_ids = [], []
+    now = utcnow()
+    for row in rows:
+        decision, reasons = check(row, policy)
+        if decision == REVIEW and row["clip_id"] not in kept:
+            decision, reasons = "reject", (*reasons, "over the review budget")
+        report.decisions[decision] = report.decisions.get(decision, 0) + 1  # type: ignore[index]
+        values = _clip_values(row, pid, runs[row["run_id"]], decision, list(reasons), now)
+        old = existing.get(row["clip_id"])
+        if old is None:
+            new_rows.append(values)
+            report.inserted += 1
+        elif old[1] == values["run_pk"] and old[2] == values["text_raw"] and old[3] == decision:
+            report.unchanged += 1
+        else:
+            clip = s.get_one(Clip, old[0])
+            history = list(clip.label_history or [])
+            history.append(
+                {
+                    "run_pk": clip.run_pk,
+                    "model_id": clip.model_id,
+                    "text_raw": clip.text_raw,
+                    "confidence": clip.confidence,
+                }
+            )
+            for key, value in values.items():
+                setattr(clip, key, value)
+            clip.label_history = history
+            report.updated += 1
+        if decision == REVIEW:
+            review_ids.append(row["clip_id"])
+    if new_rows:
+        s.execute(insert(Clip), new_rows)
+    if review_ids:
+        pks = dict(
+            s.execute(select(Clip.clip_id, Clip.id).where(Clip.project_id == pid, Clip.clip_id.in_(review_ids))).all()
+        )
+        have = set(s.scalars(select(Task.clip_pk).where(Task.clip_pk.in_(list(pks.values())))))
+        by_id = {r["clip_id"]: r for r in rows}
+        tasks = [
+            {
+                "project_id": pid,
+                "clip_pk": pk,
+                "state": "open",
+                "lang": by_id[cid].get("lang_detected") or by_id[cid].get("lang_requested"),
+                "priority": _priority(by_id[cid]),
+                "version": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for cid, pk in pks.items()
+            if pk not in have
+        ]
+        if tasks:
+            s.execute(insert(Task), tasks)
+            report.tasks_created += len(tasks)
+
+
+def _clip_values(row: dict, pid: int, run_pk: int, decision: str, reasons: list, now: Any) -> dict[str, Any]:
+    return {
+        "project_id": pid,
+        "clip_id": row["clip_id"],
+        "item_id": row["item_id"],
+        "source_uri": row["source_uri"],
+        "offset_s": row["offset_s"],
+        "duration_s": row["duration_s"],
+        "status": row["status"],
+        "error": row["error"],
+        "text": row["text"],
+        "text_raw": row["text_raw"],
+        "lang_requested": row["lang_requested"],
+        "lang_detected": row["lang_detected"],
+        "confidence": row["confidence"],
+        "sentences": row["sentences"] or [],
+        "words": row["words"] or [],
+        "model_id": row["model_id"],
+        "run_pk": run_pk,
+        "decision": decision,
+        "reasons": reasons,
+        "label_history": [],
+        "updated_at": now,
+    }
