@@ -272,5 +272,9 @@ def demo(
     run_demo(out=out.resolve(), run_job=run_job)
 
 
+from jobs.review_cli import register as _register_review_commands  # noqa: E402 - after the app exists
+
+_register_review_commands(app)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

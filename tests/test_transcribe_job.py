@@ -335,3 +335,50 @@ def test_a_killed_model_worker_is_replaced_and_the_job_ends_with_every_clip_once
     rows = pq.read_table(out).to_pylist()
     assert sorted(r["clip_id"] for r in rows) == sorted(r["clip_id"] for r in ref_rows)
     assert summary["rows"] == summary["unique_clip_ids"] == reference["rows"]
+
+
+def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhotse_load(job, tmp_path: Path) -> None:
+    """transcribe -> route -> corrections (the references, for the routed clips) -> export -> NeMo and Lhotse."""
+    from lhotse import CutSet
+    from nemo.collections.asr.parts.utils.manifest_utils import read_manifest
+    from nemo.collections.common.data.lhotse.nemo_adapters import LazyNeMoIterator
+
+    from labeling.export import ExportOptions, export_manifests
+    from labeling.ingest import route_table
+    from labeling.policy import Policy
+    from labeling.queue import ReviewQueue
+
+    out, summary, rows = job
+    queue = ReviewQueue.connect(f"sqlite:///{tmp_path / 'review.db'}")
+    report = route_table(queue, "corpus", str(out), Policy(confidence={"default": 0.5}, allow_code_switching=True))
+    assert report.rows == summary["rows"] and report.tasks_created > 0
+    refs = {r["clip_id"]: r["ref_text"] for r in rows}
+    reviewer, _ = queue.add_reviewer("ana")
+    corrected = {}
+    while (task := queue.claim("corpus", reviewer.id)) is not None:
+        text = refs[task.clip_id] or task.text  # segments of long recordings carry no reference
+        queue.submit(task.id, reviewer.id, text=text, lang=task.lang)
+        corrected[task.clip_id] = text
+
+    export = export_manifests(queue, "corpus", tmp_path / "manifests", ExportOptions(dev_fraction=0.3))
+
+    train = read_manifest(str(tmp_path / "manifests" / "train.jsonl"))
+    dev = read_manifest(str(tmp_path / "manifests" / "dev.jsonl"))
+    assert dev and all(r["origin"] == "review" for r in dev)
+    exported = {r["clip_id"]: r for r in train + dev}
+    for clip_id, text in corrected.items():
+        assert exported[clip_id]["text"].startswith(text.split(".")[0])
+        assert "<" in exported[clip_id]["text"]  # language tags, the way the model writes them
+    assert not any(r["status"] == "error" and r["clip_id"] in exported for r in rows)
+    loaded = {}
+    for name in ("train", "dev"):
+        cuts = CutSet(LazyNeMoIterator(str(tmp_path / "manifests" / f"{name}.jsonl"), lang_field="target_lang"))
+        loaded |= {c.custom["clip_id"]: c for c in cuts}
+    assert set(loaded) == set(exported)
+    segment = next(r for r in train + dev if r["offset"] > 0)
+    cut = loaded[segment["clip_id"]]
+    assert cut.start == pytest.approx(segment["offset"]) and cut.duration == pytest.approx(
+        segment["duration"], abs=0.01
+    )
+    assert cut.supervisions[0].text == segment["text"] and cut.supervisions[0].language == segment["target_lang"]
+    assert export["train"]["review"] and export["dev"]["review"]
