@@ -9,7 +9,8 @@ demo: setup
 	.venv/bin/earmark demo
 
 test: setup
-	.venv/bin/python -m pytest -q tests
+	scripts/postgres.sh
+	EARMARK_REQUIRE_POSTGRES=1 .venv/bin/python -m pytest -q tests
 
 lint: setup
 	.venv/bin/ruff check asr cluster jobs labeling serve tests

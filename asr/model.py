@@ -152,3 +152,22 @@ def model_info(model: Any, *, name: str, sha256: str) -> ModelInfo:
         sample_rate=int(cfg.preprocessor.get("sample_rate", 16000)),
         uses_prompts=uses_prompts,
     )
+
+
+def read_locales(spec: str | os.PathLike[str]) -> list[str]:
+    """The locales of a local ``.nemo`` (or ``demo``), read from its config without loading NeMo
+    (for the review app's language selector)."""
+    import tarfile
+
+    import yaml
+
+    path = resolve_checkpoint(spec)
+    if not isinstance(path, Path):
+        raise ModelLoadError(f"{spec}: locales can be read from a local .nemo only")
+    with tarfile.open(path) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith("model_config.yaml")), None)
+        if member is None:
+            raise ModelLoadError(f"{path}: no model_config.yaml inside; is it a .nemo checkpoint?")
+        cfg = yaml.safe_load(tar.extractfile(member))  # type: ignore[arg-type]
+    prompts = (cfg.get("model_defaults") or {}).get("prompt_dictionary") or {}
+    return sorted(k for k in prompts if "-" in k)

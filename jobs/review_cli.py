@@ -34,7 +34,9 @@ def open_queue(db: str):  # -> labeling.queue.ReviewQueue
 
 
 def route(
-    pseudo_labels: Annotated[str, typer.Argument(help="The Parquet output of earmark transcribe (folder, file or s3://).")],
+    pseudo_labels: Annotated[
+        str, typer.Argument(help="The Parquet output of earmark transcribe (folder, file or s3://).")
+    ],
     project: ProjectOpt,
     db: DbOpt = "sqlite:///review.db",
     policy: Annotated[Path | None, typer.Option("--policy", help="A YAML file of routing thresholds.")] = None,
@@ -155,7 +157,42 @@ def reviewers_revoke(name: str, db: DbOpt = "sqlite:///review.db") -> None:
     typer.echo(f"revoked {name}")
 
 
+def review(
+    project: ProjectOpt,
+    db: DbOpt = "sqlite:///review.db",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8600,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="The model whose locales the language selector offers.")
+    ] = "demo",
+    audio_root: Annotated[
+        Path | None, typer.Option("--audio-root", help="Serve local audio only from under this folder.")
+    ] = None,
+    session_hours: Annotated[float, typer.Option("--session-hours", help="How long a sign-in lasts.")] = 12.0,
+) -> None:
+    """Serve the review web app (sign in with a token from `earmark reviewers add`)."""
+    import uvicorn
+
+    from asr.model import ModelLoadError, read_locales
+    from labeling.webapp import Settings, create_app
+
+    try:
+        locales = read_locales(model)
+    except ModelLoadError as exc:
+        fail(str(exc))
+    queue = open_queue(db)
+    if project not in queue.projects():
+        fail(f"no project named {project!r} in {db}; route pseudo-labels into it first (earmark route)")
+    settings = Settings(
+        db=db, project=project, locales=locales, session_hours=session_hours,
+        audio_root=str(audio_root.resolve()) if audio_root else None,
+    )  # fmt: skip
+    typer.echo(f"earmark review: http://{host}:{port}/  (project {project}, {db})")
+    uvicorn.run(create_app(settings, queue), host=host, port=port, log_level="warning")
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(review)
     app.command()(route)
     app.command()(export)
     app.command()(calibrate)

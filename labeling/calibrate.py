@@ -69,7 +69,9 @@ class LanguageCalibration:
         for lo, hi in zip(edges, edges[1:], strict=False):
             inside = [(e, n) for c, e, n in self.points if lo <= c < hi]
             e, n = sum(x for x, _ in inside), sum(y for _, y in inside)
-            out.append({"confidence": f"{lo:.1f}-{min(hi, 1.0):.1f}", "clips": len(inside), "wer": e / n if n else None})
+            out.append(
+                {"confidence": f"{lo:.1f}-{min(hi, 1.0):.1f}", "clips": len(inside), "wer": e / n if n else None}
+            )
         return out
 
 

@@ -152,7 +152,7 @@ def _write_batch(
         if decision == REVIEW:
             review_ids.append(row["clip_id"])
     if new_rows:
-        s.execute(insert(Clip), new_rows)
+        bulk_insert(s, Clip, new_rows)
     if review_ids:
         pks = dict(
             s.execute(select(Clip.clip_id, Clip.id).where(Clip.project_id == pid, Clip.clip_id.in_(review_ids))).all()
@@ -174,8 +174,25 @@ def _write_batch(
             if pk not in have
         ]
         if tasks:
-            s.execute(insert(Task), tasks)
+            bulk_insert(s, Task, tasks)
             report.tasks_created += len(tasks)
+
+
+def bulk_insert(s: Any, model: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows: PostgreSQL's COPY (about ten times faster than multi-row INSERTs for
+    wide rows with JSON), a multi-row INSERT elsewhere. Runs inside the session's transaction."""
+    if s.bind.dialect.name != "postgresql":
+        s.execute(insert(model), rows)
+        return
+    import json
+
+    table = model.__table__
+    columns = [c.name for c in table.columns if c.name in rows[0]]
+    is_json = {c.name for c in table.columns if c.type.__class__.__name__ == "JSON"}
+    raw = s.connection().connection.driver_connection  # psycopg 3, same transaction
+    with raw.cursor() as cur, cur.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([json.dumps(row[c]) if c in is_json else row[c] for c in columns])
 
 
 def _clip_values(row: dict, pid: int, run_pk: int, decision: str, reasons: list, now: Any) -> dict[str, Any]:

@@ -236,6 +236,156 @@ class ReviewQueue:
             task.lease_expires_at = utcnow() + dt.timedelta(seconds=lease_s)
             task.version += 1
 
+    def take_back(self, project: str, reviewer_id: int, *, lease_s: float = 600.0) -> TaskView | None:
+        """The reviewer's last submitted task, claimed again to fix it (the "back" button);
+        their current task, if any, is released first. The new submit supersedes the old one."""
+        with self.Session.begin() as s:
+            pid = self.project_id(s, project)
+            last = s.execute(
+                select(Review.task_id)
+                .join(Task, Task.id == Review.task_id)
+                .where(
+                    Task.project_id == pid,
+                    Review.reviewer_id == reviewer_id,
+                    Review.action == "submit",
+                    Task.state == "done",
+                )
+                .order_by(Review.id.desc())
+                .limit(1)
+            ).scalar()
+            if last is None:
+                return None
+            for held in s.scalars(select(Task).where(Task.claimed_by == reviewer_id, Task.state == "claimed")):
+                self._log(s, held, reviewer_id, "release", note="went back")
+                held.state, held.claimed_by, held.lease_expires_at = "open", None, None
+                held.version += 1
+            task = self._task(s, last)
+            self._log(s, task, reviewer_id, "back")
+            task.state, task.claimed_by = "claimed", reviewer_id
+            task.lease_expires_at = utcnow() + dt.timedelta(seconds=lease_s)
+            task.version += 1
+            s.flush()
+            return self._view(s, task)
+
+    def record_external_review(
+        self, project: str, clip_id: str, reviewer_id: int, *, text: str, lang: str | None, note: str
+    ) -> bool:
+        """A correction made outside earmark (a Label Studio annotation): the clip's task is
+        created if needed and closed with this review. False when the project has no such clip."""
+        with self.Session.begin() as s:
+            pid = self.project_id(s, project)
+            clip = s.scalar(select(Clip).where(Clip.project_id == pid, Clip.clip_id == clip_id))
+            if clip is None:
+                return False
+            task = s.scalar(select(Task).where(Task.clip_pk == clip.id).with_for_update())
+            if task is None:
+                task = Task(project_id=pid, clip_pk=clip.id, state="open", lang=clip.lang_detected, priority=0.0)
+                s.add(task)
+                s.flush()
+            s.add(
+                Review(
+                    task_id=task.id,
+                    clip_pk=clip.id,
+                    reviewer_id=reviewer_id,
+                    action="submit",
+                    text_before=clip.text,
+                    text_after=text,
+                    lang_before=clip.lang_detected,
+                    lang_after=lang,
+                    flags=[],
+                    note=note,
+                )  # fmt: skip
+            )
+            task.state, task.claimed_by, task.lease_expires_at = "done", None, None
+            task.version += 1
+            return True
+
+    def progress(self, project: str) -> dict[str, Any]:
+        """Counts per language and state, each reviewer's throughput, agreement between reviewers."""
+        out = self.stats(project)
+        with self.Session() as s:
+            pid = self.project_id(s, project)
+            rows = s.execute(
+                select(
+                    Reviewer.name, Review.action, Review.task_id, Review.clip_pk, Review.text_after, Review.created_at
+                )
+                .join(Reviewer, Reviewer.id == Review.reviewer_id)
+                .join(Task, Task.id == Review.task_id)
+                .where(Task.project_id == pid)
+                .order_by(Review.id)
+            ).all()
+        claimed_at: dict[tuple[str, int], dt.datetime] = {}
+        people: dict[str, dict[str, Any]] = {}
+        texts: dict[int, dict[str, str]] = {}
+        for name, action, task_id, clip_pk, text_after, at in rows:
+            p = people.setdefault(name, {"submits": 0, "skips": 0, "seconds": []})
+            if action in ("claim", "back"):
+                claimed_at[(name, task_id)] = at
+            elif action == "submit":
+                p["submits"] += 1
+                if (name, task_id) in claimed_at:
+                    p["seconds"].append((_aware(at) - _aware(claimed_at.pop((name, task_id)))).total_seconds())
+                texts.setdefault(clip_pk, {})[name] = _norm(text_after or "")
+            elif action == "skip":
+                p["skips"] += 1
+        reviewers = {}
+        for name, p in people.items():
+            secs = sorted(p["seconds"])
+            median = secs[len(secs) // 2] if secs else None
+            reviewers[name] = {
+                "submits": p["submits"],
+                "skips": p["skips"],
+                "median_seconds_per_task": median,
+                "tasks_per_hour": 3600 / median if median else None,
+            }
+        shared = [t for t in texts.values() if len(t) >= 2]
+        agree = sum(1 for t in shared if len(set(t.values())) == 1)
+        out["reviewers"] = reviewers
+        out["agreement"] = {
+            "clips_seen_by_two_or_more": len(shared),
+            "identical": agree,
+            "rate": agree / len(shared) if shared else None,
+        }
+        return out
+
+    def reviews_table(self, project: str) -> list[dict[str, Any]]:
+        """Every review row of the project (for CSV/JSON download), oldest first."""
+        with self.Session() as s:
+            pid = self.project_id(s, project)
+            rows = s.execute(
+                select(Review, Clip.clip_id, Reviewer.name)
+                .join(Clip, Clip.id == Review.clip_pk)
+                .outerjoin(Reviewer, Reviewer.id == Review.reviewer_id)
+                .where(Clip.project_id == pid)
+                .order_by(Review.id)
+            ).all()
+        return [
+            {
+                "review_id": r.id,
+                "task_id": r.task_id,
+                "clip_id": clip_id,
+                "reviewer": name,
+                "action": r.action,
+                "text_before": r.text_before,
+                "text_after": r.text_after,
+                "lang_before": r.lang_before,
+                "lang_after": r.lang_after,
+                "flags": ",".join(r.flags or []),
+                "note": r.note,
+                "created_at": _aware(r.created_at).isoformat(),
+            }  # fmt: skip
+            for r, clip_id, name in rows
+        ]
+
+    def clip(self, project: str, clip_id: str) -> Clip | None:
+        with self.Session() as s:
+            pid = self.project_id(s, project)
+            return s.scalar(select(Clip).where(Clip.project_id == pid, Clip.clip_id == clip_id))
+
+    def projects(self) -> list[str]:
+        with self.Session() as s:
+            return list(s.scalars(select(Project.name).order_by(Project.name)))
+
     def stats(self, project: str) -> dict[str, Any]:
         """Tasks per state and language, clips per decision."""
         with self.Session() as s:
@@ -302,6 +452,15 @@ class ReviewQueue:
             reasons=list(clip.reasons or []),
             lease_expires_at=task.lease_expires_at,
         )
+
+
+def _aware(at: dt.datetime) -> dt.datetime:
+    """SQLite gives naive datetimes back; they were written in UTC."""
+    return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+
+
+def _norm(text: str) -> str:
+    return " ".join("".join(ch for ch in text.lower() if ch.isalnum() or ch.isspace()).split())
 
 
 def expire_before(now: dt.datetime | None = None) -> Any:

@@ -1,6 +1,7 @@
 """A fresh PostgreSQL database per test session, on the machine's server (pytest plugin).
 
-The server is the one on 127.0.0.1:5432 (``EARMARK_TEST_PG`` overrides the admin URL). Where no
+The server is the one on 127.0.0.1:5432 that ``scripts/postgres.sh`` found or started (it writes
+the admin URL to ``.venv/earmark-test-pg.url``; ``EARMARK_TEST_PG`` overrides it). Where no
 server answers, the PostgreSQL tests skip, except when ``EARMARK_REQUIRE_POSTGRES=1`` (set by
 ``make test``, so CI never skips them silently).
 """
@@ -10,10 +11,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-ADMIN_URL = os.environ.get("EARMARK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+_URL_FILE = Path(__file__).resolve().parents[1] / ".venv" / "earmark-test-pg.url"
+ADMIN_URL = os.environ.get("EARMARK_TEST_PG") or (
+    _URL_FILE.read_text().strip() if _URL_FILE.exists() else "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def _admin_connect():
