@@ -8,7 +8,8 @@ setup:
 demo: setup
 	.venv/bin/earmark demo
 
-test: setup
+test:
+	@scripts/setup.sh --test
 	scripts/postgres.sh
 	EARMARK_REQUIRE_POSTGRES=1 .venv/bin/python -m pytest -q tests
 

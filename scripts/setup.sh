@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Sets up everything earmark needs on a fresh Debian/Ubuntu machine: system packages,
 # a virtual environment in .venv, torch (CPU wheel first), earmark itself with its dev tools.
-# Idempotent: a second run only checks. Usage: scripts/setup.sh
+# Idempotent: a second run only checks. Usage: scripts/setup.sh [--test]  (--test: also chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 command -v sox >/dev/null || need_apt+=(sox)
+# the tests drive Debian's chromium (the review page) through Playwright
+if [ "${1:-}" = "--test" ]; then [ -x /usr/bin/chromium ] || need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     echo "setup: installing Debian packages: ${need_apt[*]}"
