@@ -28,7 +28,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     if address:
         ray.init(address=address, **kwargs)
         return address
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # "local": a new in-process cluster, even when `ray start` left an address file behind
+    # (Ray would otherwise join that cluster, or fail if it is gone)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return "embedded"
 
 

@@ -242,6 +242,57 @@ def print_summary(summary: dict) -> None:
 
 
 @app.command()
+def evaluate(
+    manifest: Annotated[str, typer.Option("--manifest", help="NeMo manifest with reference text (tags allowed).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for metrics.json, report.html and the labels.")],
+    model: ModelOpt = "demo",
+    att_context: AttOpt = None,
+    device: DeviceOpt = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the metrics JSON.")] = False,
+) -> None:
+    """WER/CER per language (raw and normalized), sentence-language accuracy, confidence AUROC; JSON + HTML."""
+    from cluster.storage import StorageOptions
+    from jobs.evaluate import run_evaluate
+    from jobs.stages import JobSettings
+    from jobs.transcribe import JobError
+
+    settings = JobSettings(
+        run_id="",
+        model=model,
+        device=device,
+        att_context=parse_att_context(att_context),
+        storage=StorageOptions.from_env(),
+    )
+    try:
+        metrics = run_evaluate(manifest=manifest, out=out, settings=settings, address=address, quiet=quiet)
+    except (JobError, ValueError, OSError) as exc:
+        fail(str(exc))
+    if quiet:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{metrics['model_id']} on {manifest}")
+    for col in ("language", "clips", "WER", "WER raw", "CER", "sentence-language acc."):
+        table.add_column(col)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    for lang, m in metrics["languages"].items():
+        table.add_row(
+            lang, str(m["clips"]), pct(m["wer"]), pct(m["wer_raw"]), pct(m["cer"]), pct(m["sentence_language_accuracy"])
+        )
+    Console().print(table)
+    auroc = metrics["confidence"]["auroc_error"]
+    typer.echo(
+        f"confidence AUROC (clip has an error): {'-' if auroc is None else f'{auroc:.3f}'}; report: {out}/report.html"
+    )
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo's pseudo-labels go.")] = Path(
         "build/demo/labels"

@@ -382,3 +382,34 @@ def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhot
     )
     assert cut.supervisions[0].text == segment["text"] and cut.supervisions[0].language == segment["target_lang"]
     assert export["train"]["review"] and export["dev"]["review"]
+
+
+def test_evaluate_scores_a_manifest_per_language_and_writes_a_report(ray_local, corpus, tmp_path: Path) -> None:
+    from jobs.evaluate import run_evaluate
+
+    shorts = [r for r in corpus if "sentences" not in r][::4]
+    manifest = tmp_path / "eval.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({k: r[k] for k in ("audio_filepath", "duration", "text", "text_tagged", "lang")}) + "\n"
+            for r in shorts
+        )
+    )
+    out = tmp_path / "report"
+
+    metrics = run_evaluate(
+        manifest=str(manifest), out=str(out), settings=JobSettings(run_id="", storage=StorageOptions()), quiet=True
+    )
+
+    assert metrics["clips_scored"] == len(shorts) and metrics["clips_failed"] == 0
+    langs = metrics["languages"]
+    assert {"all", "en-US", "es-ES", "de-DE", "fr-FR"} <= set(langs)
+    overall = langs["all"]
+    assert 0 <= overall["wer"] <= overall["wer_raw"] <= 1.5 and 0 <= overall["cer"] <= overall["wer"] + 1e-9
+    assert overall["sentence_language_accuracy"] > 0.5
+    auroc = metrics["confidence"]["auroc_error"]
+    assert auroc is None or 0.0 <= auroc <= 1.0
+    assert sum(b["words"] for b in metrics["confidence"]["reliability"]) > 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "de-DE" in html
+    assert json.loads((out / "metrics.json").read_text())["clips_scored"] == len(shorts)
