@@ -109,8 +109,7 @@ class ReviewQueue:
             # their claims go back to the queue
             for task in s.scalars(select(Task).where(Task.claimed_by == reviewer.id, Task.state == "claimed")):
                 self._log(s, task, reviewer.id, "release", note="reviewer revoked")
-                task.state, task.claimed_by, task.lease_expires_at = "open", None, None
-                task.version += 1
+                _free(task)
 
     def authenticate(self, token: str) -> Reviewer | None:
         with self.Session() as s:
@@ -180,39 +179,21 @@ class ReviewQueue:
             raise QueueError(f"unknown flags {bad}; use {list(FLAGS)}")
         with self.Session.begin() as s:
             task = self._held(s, task_id, reviewer_id)
-            clip = s.get_one(Clip, task.clip_pk)
-            s.add(
-                Review(
-                    task_id=task.id,
-                    clip_pk=clip.id,
-                    reviewer_id=reviewer_id,
-                    action="submit",
-                    text_before=clip.text,
-                    text_after=text,
-                    lang_before=clip.lang_detected,
-                    lang_after=lang,
-                    flags=list(flags),
-                    note=note,
-                )
-            )
-            task.state, task.lease_expires_at = "done", None
-            task.version += 1
+            self._record_submit(s, task, s.get_one(Clip, task.clip_pk), reviewer_id, text, lang, list(flags), note)
 
     def skip(self, task_id: int, reviewer_id: int) -> None:
         """Give the task back; this reviewer will not be offered it again."""
         with self.Session.begin() as s:
             task = self._held(s, task_id, reviewer_id)
             self._log(s, task, reviewer_id, "skip")
-            task.state, task.claimed_by, task.lease_expires_at = "open", None, None
-            task.version += 1
+            _free(task)
 
     def release(self, task_id: int, reviewer_id: int) -> None:
         """Give the task back to the queue (anyone may take it, this reviewer included)."""
         with self.Session.begin() as s:
             task = self._held(s, task_id, reviewer_id)
             self._log(s, task, reviewer_id, "release")
-            task.state, task.claimed_by, task.lease_expires_at = "open", None, None
-            task.version += 1
+            _free(task)
 
     def reopen(self, task_id: int, admin_id: int, *, note: str | None = None) -> None:
         """Admin: put a done task back in the queue (its earlier reviews stay)."""
@@ -220,8 +201,7 @@ class ReviewQueue:
             self._admin(s, admin_id)
             task = self._task(s, task_id)
             self._log(s, task, admin_id, "reopen", note=note)
-            task.state, task.claimed_by, task.lease_expires_at = "open", None, None
-            task.version += 1
+            _free(task)
 
     def reassign(self, task_id: int, admin_id: int, to_reviewer_id: int, *, lease_s: float = 600.0) -> None:
         """Admin: hand a task to another reviewer (with a fresh lease)."""
@@ -257,8 +237,7 @@ class ReviewQueue:
                 return None
             for held in s.scalars(select(Task).where(Task.claimed_by == reviewer_id, Task.state == "claimed")):
                 self._log(s, held, reviewer_id, "release", note="went back")
-                held.state, held.claimed_by, held.lease_expires_at = "open", None, None
-                held.version += 1
+                _free(held)
             task = self._task(s, last)
             self._log(s, task, reviewer_id, "back")
             task.state, task.claimed_by = "claimed", reviewer_id
@@ -282,22 +261,7 @@ class ReviewQueue:
                 task = Task(project_id=pid, clip_pk=clip.id, state="open", lang=clip.lang_detected, priority=0.0)
                 s.add(task)
                 s.flush()
-            s.add(
-                Review(
-                    task_id=task.id,
-                    clip_pk=clip.id,
-                    reviewer_id=reviewer_id,
-                    action="submit",
-                    text_before=clip.text,
-                    text_after=text,
-                    lang_before=clip.lang_detected,
-                    lang_after=lang,
-                    flags=[],
-                    note=note,
-                )  # fmt: skip
-            )
-            task.state, task.claimed_by, task.lease_expires_at = "done", None, None
-            task.version += 1
+            self._record_submit(s, task, clip, reviewer_id, text, lang, [], note)
             return True
 
     def progress(self, project: str) -> dict[str, Any]:
@@ -430,6 +394,34 @@ class ReviewQueue:
             raise QueueError("only an admin can do this")
 
     @staticmethod
+    def _record_submit(
+        s: Session,
+        task: Task,
+        clip: Clip,
+        reviewer_id: int,
+        text: str,
+        lang: str | None,
+        flags: list[str],
+        note: str | None,
+    ) -> None:
+        s.add(
+            Review(
+                task_id=task.id,
+                clip_pk=clip.id,
+                reviewer_id=reviewer_id,
+                action="submit",
+                text_before=clip.text,
+                text_after=text,
+                lang_before=clip.lang_detected,
+                lang_after=lang,
+                flags=flags,
+                note=note,
+            )  # fmt: skip
+        )
+        task.state, task.claimed_by, task.lease_expires_at = "done", None, None
+        task.version += 1
+
+    @staticmethod
     def _log(s: Session, task: Task, reviewer_id: int | None, action: str, *, note: str | None = None) -> None:
         s.add(Review(task_id=task.id, clip_pk=task.clip_pk, reviewer_id=reviewer_id, action=action, note=note))
 
@@ -452,6 +444,12 @@ class ReviewQueue:
             reasons=list(clip.reasons or []),
             lease_expires_at=task.lease_expires_at,
         )
+
+
+def _free(task: Task) -> None:
+    """Back to the queue: open, unclaimed, no lease."""
+    task.state, task.claimed_by, task.lease_expires_at = "open", None, None
+    task.version += 1
 
 
 def _aware(at: dt.datetime) -> dt.datetime:
