@@ -6,7 +6,7 @@
 ...     print(update.text)
 >>> final = session.finish()                                      # doctest: +SKIP
 
-Three things make a live session differ from NeMo's ``CacheAwareStreamingAudioBuffer``
+Four things make a live session differ from NeMo's ``CacheAwareStreamingAudioBuffer``
 (a simulator over whole files):
 
 * **Incremental features.** Each feed computes log-mel frames only for the new audio plus a
@@ -17,6 +17,10 @@ Three things make a live session differ from NeMo's ``CacheAwareStreamingAudioBu
   per row through ``prompt_kernel``, as ``forward`` does), never through the model-wide
   ``set_inference_prompt``; sessions in different languages can share a model and a batch
   (:func:`step_sessions`).
+* **No zero-padded pre-encode cache.** While the stream is shorter than the pre-encoder's cache
+  (at 56,0 the first chunk is a single frame), the pre-encoder runs over the whole stream so far
+  and drops the frames it already emitted, as the offline pass sees them, instead of reading
+  zero features before the start: that keeps 56,0 equal to offline too.
 * **End-of-stream flush.** :meth:`StreamingSession.finish` runs the last partial chunk with
   ``keep_all_outputs`` instead of dropping it, so the final text equals offline text.
 """
@@ -164,11 +168,17 @@ class StreamingSession:
         def pick(v: Any) -> int:
             return int(v[0] if first else v[1]) if isinstance(v, list | tuple) else int(v)
 
-        return (
-            pick(self.cfg.chunk_size),
-            pick(self.cfg.pre_encode_cache_size),
-            0 if first else int(self.cfg.drop_extra_pre_encoded),
-        )
+        size, cache = pick(self.cfg.chunk_size), pick(self.cfg.pre_encode_cache_size)
+        drop = 0 if first else int(self.cfg.drop_extra_pre_encoded)
+        have = 0 if self._pre_cache is None else int(self._pre_cache.shape[1])
+        if cache and have < cache:
+            # Fewer real frames so far than the pre-encode cache holds (at 56,0 the first chunk is
+            # one frame): run the pre-encoder over the whole stream so far, as the offline pass
+            # does with its own causal padding, and drop the frames it already emitted. Padding
+            # the cache with zero features instead would feed the causal convolutions values the
+            # offline pass never sees, and the output would drift from offline.
+            drop = self._frames_out
+        return size, cache, drop
 
     def _ready_chunk(self) -> int | None:
         size, _, _ = self._sizes()
@@ -190,9 +200,7 @@ class StreamingSession:
         is_last = self._closed and self._features.shape[1] == 0
         if cache_frames:
             pre = self._pre_cache if self._pre_cache is not None else torch.zeros(chunk.shape[0], 0)
-            if pre.shape[1] < cache_frames:
-                pre = torch.cat([torch.zeros(chunk.shape[0], cache_frames - pre.shape[1]), pre], dim=1)
-            full = torch.cat([pre, chunk], dim=1)
+            full = torch.cat([pre[:, -cache_frames:], chunk], dim=1)  # the whole history when shorter (see _sizes)
         else:
             full = chunk
         history = chunk if self._pre_cache is None else torch.cat([self._pre_cache, chunk], dim=1)
@@ -230,8 +238,9 @@ def step_ready(sessions: Sequence[StreamingSession]) -> int:
     groups: dict[tuple, list[StreamingSession]] = {}
     for s in sessions:
         if not s.finished and s.ready():
-            last = s._closed and s._features.shape[1] <= s._sizes()[0]
-            groups.setdefault((s.att_context, s.chunks == 0, last, id(s.engine)), []).append(s)
+            size, _, drop = s._sizes()
+            last = s._closed and s._features.shape[1] <= size
+            groups.setdefault((s.att_context, s.chunks == 0, drop, last, id(s.engine)), []).append(s)
     for group in groups.values():
         step_sessions(group)
     return sum(len(g) for g in groups.values())
