@@ -114,6 +114,9 @@ class DecodeStage:
             spans = split_long_audio(audio, max_s=self.settings.max_segment_s)
         except (AudioError, StorageError) as exc:
             return [self._error(base, item, str(exc))]
+        except Exception as exc:  # noqa: BLE001 - whatever a strange file does, it costs one row, not the job
+            log.warning("unexpected failure decoding %s", item["source_uri"], exc_info=True)
+            return [self._error(base, item, f"{item['source_uri']}: could not decode ({type(exc).__name__}: {exc})")]
         if not spans:  # a long recording in which the VAD heard no speech: one empty, ok row
             spans, silent = [(0.0, len(audio) / SAMPLE_RATE)], True
         else:
