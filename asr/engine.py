@@ -160,14 +160,9 @@ class Transcriber:
     ) -> list[Transcript]:
         import torch
 
-        lengths = [max(len(a), MIN_SAMPLES) for a in audios]
-        x = torch.zeros(len(audios), max(lengths), dtype=torch.float32)
-        for row, audio in enumerate(audios):
-            x[row, : len(audio)] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-        xl = torch.tensor(lengths, dtype=torch.long)
         with torch.inference_mode():
-            x, xl = x.to(self.device), xl.to(self.device)
-            kwargs: dict[str, Any] = {"input_signal": x, "input_signal_length": xl}
+            feats, feat_lens = self._features(audios)
+            kwargs: dict[str, Any] = {"processed_signal": feats, "processed_signal_length": feat_lens}
             if self.info.uses_prompts:
                 kwargs["prompt_indices"] = torch.tensor(prompts, dtype=torch.long, device=self.device)
             enc, enc_len = self.model.forward(**kwargs)
@@ -180,6 +175,30 @@ class Transcriber:
             )
             for hyp, audio, req in zip(hyps, audios, requested, strict=True)
         ]
+
+    def _features(self, audios: list[np.ndarray]) -> tuple[Any, Any]:
+        """Log-mel features clip by clip, then padded into one batch.
+
+        Computing them on the padded batch would let the padding leak into each clip's last
+        frames (the STFT window at the end reads zeros instead of the clip's own reflection), so
+        a clip's text could depend on which clips share its batch. Clip by clip, the result of a
+        clip is the same in any batch: what the batch job and the engine alone return agree.
+        """
+        import torch
+
+        pre = self.model.preprocessor
+        out, lens = [], []
+        for audio in audios:
+            n = max(len(audio), MIN_SAMPLES)
+            x = torch.zeros(1, n, dtype=torch.float32)
+            x[0, : len(audio)] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+            f, fl = pre(input_signal=x.to(self.device), length=torch.tensor([n], device=self.device))
+            out.append(f[0, :, : int(fl[0])])
+            lens.append(int(fl[0]))
+        feats = torch.zeros(len(out), out[0].shape[0], max(lens), dtype=out[0].dtype, device=self.device)
+        for row, f in enumerate(out):
+            feats[row, :, : f.shape[1]] = f
+        return feats, torch.tensor(lens, dtype=torch.long, device=self.device)
 
     def hypothesis_to_transcript(
         self, hyp: Any, *, lang_requested: str, duration_s: float, att: tuple[int, int], frame_offset: int = 0

@@ -86,12 +86,15 @@ def build_transcript(
         current.append((piece, int(frame), float(conf)))
     flush_word()
     close_sentence(None, None)
+    if not any(ch.isalnum() for w in words for ch in w.word):
+        # Only punctuation (a lone "." on silence): nothing was said. Kept in text_raw, as written.
+        words, sentences = [], []
 
     # With no words, the caller says how sure the model was that nothing was said
     # (the mean confidence of its blank decisions).
     confidence = sum(w.confidence for w in words) / len(words) if words else empty_confidence
     return Transcript(
-        text=strip_tags(text_raw),
+        text=strip_tags(text_raw) if words else "",
         text_raw=text_raw,
         lang_requested=lang_requested,
         lang_detected=detected_language(sentences),

@@ -5,9 +5,11 @@ Heavy modules (torch, NeMo, Ray) are imported inside commands, so ``earmark --he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -71,6 +73,14 @@ def parse_att_context(value: str | None) -> tuple[int, int] | None:
     except ValueError:
         raise typer.BadParameter(f"{value!r}: write it as LEFT,RIGHT, e.g. 56,13") from None
     return left, right
+
+
+@contextlib.contextmanager
+def results_stay_on_stdout() -> Iterator[None]:
+    """While a job runs, whatever prints to stdout (Ray's worker and raylet messages, the progress
+    bar) goes to stderr, so stdout holds only the result (the JSON of --quiet)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def fail(message: str) -> None:
@@ -182,6 +192,10 @@ def transcribe(
     shard_size: Annotated[
         int, typer.Option("--shard-size", help="Input clips per shard, the unit of commit and resume.", min=1)
     ] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", help="Clips handed to a model actor per call (packed by duration inside).", min=1),
+    ] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the summary JSON.")] = False,
 ) -> None:
     """Transcribe an archive into Parquet pseudo-labels; rerun the same command to resume."""
@@ -211,10 +225,12 @@ def transcribe(
         gpus_per_actor=gpus_per_actor,
         address=address,
         lines_per_shard=shard_size,
+        batch_rows=batch_size,
         quiet=quiet,
     )
     try:
-        summary = run_transcribe(request)
+        with results_stay_on_stdout():
+            summary = run_transcribe(request)
     except (JobError, ValueError) as exc:
         fail(str(exc))
     if quiet:
@@ -265,7 +281,8 @@ def evaluate(
         storage=StorageOptions.from_env(),
     )
     try:
-        metrics = run_evaluate(manifest=manifest, out=out, settings=settings, address=address, quiet=quiet)
+        with results_stay_on_stdout():
+            metrics = run_evaluate(manifest=manifest, out=out, settings=settings, address=address, quiet=quiet)
     except (JobError, ValueError, OSError) as exc:
         fail(str(exc))
     if quiet:

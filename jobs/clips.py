@@ -31,6 +31,9 @@ MANIFEST_SUFFIXES = (".json", ".jsonl", ".manifest")
 class InputError(ValueError):
     """The input cannot be planned (missing, empty, unreadable manifest line...)."""
 
+    #: For a bad manifest line: the byte offset where it starts.
+    byte: int | None = None
+
 
 def clip_id(source_uri: str, offset_s: float, duration_s: float | None) -> str:
     """Deterministic id of the clip ``(source_uri, offset_s, duration_s)``; None = to the end."""
@@ -163,6 +166,7 @@ def read_shard(
             except InputError as exc:
                 if errors != "yield":
                     raise
+                exc.byte = at  # where the line starts: its identity, whatever the sharding
                 yield exc
         at = first + pos
 

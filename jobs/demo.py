@@ -22,8 +22,8 @@ def demo_manifest(folder: Path) -> Path:
     rows = load_manifest() + load_manifest(CORPUS_DIR / "broken.jsonl")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "corpus.jsonl"
-    keep = ("audio_filepath", "duration", "text", "lang")
-    lines = [json.dumps({k: r[k] for k in keep if k in r and r.get(k) != "auto"}, ensure_ascii=False) for r in rows]
+    keep = ("audio_filepath", "duration", "text")  # no "lang": the demo shows language detection (auto)
+    lines = [json.dumps({k: r[k] for k in keep if k in r}, ensure_ascii=False) for r in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

@@ -74,7 +74,7 @@ class ReadStage:
         for k, ref in enumerate(items):
             row = {"shard": shard.index, "shard_items": len(items), "item_index": k}
             if isinstance(ref, InputError):
-                where = f"{shard.manifest}#{shard.name}.{k}"
+                where = f"{shard.manifest}#byte={ref.byte}"
                 row |= {"source_uri": where, "offset_s": 0.0, "duration_s": None, "lang": self.settings.lang}
                 row |= {"ref_text": None, "error": str(ref)}
             else:

@@ -181,7 +181,11 @@ def _process(
     )
     committer = ShardCommitter(req.out, options=settings.storage)
     total_items, total_audio = _totals(run, req.settings.storage)
-    prior = _finished_so_far(req.out, settings.storage) if len(pending) < len(run_shards(run)) else _RunStats()
+    prior = (
+        _finished_so_far(req.out, settings.storage)
+        if len(pending) < len(run_shards(run, settings.storage))
+        else _RunStats()
+    )
     with _Progress(
         quiet=req.quiet, total_audio_s=total_audio, total_items=total_items, plan=plan.describe(), prior=prior
     ) as bar:

@@ -80,13 +80,13 @@ def export_manifests(
                 if review is not None:
                     if DROP_FLAGS & set(review.flags or ()):
                         continue
-                    lang = review.lang_after or clip.lang_detected
+                    lang = review.lang_after or clip.lang_detected or _requested(clip)
                     row = _row(clip, tag_text(review.text_after or "", lang), lang, "review")
                     split = "dev" if in_dev(clip.clip_id, options.dev_fraction) else "train"
                 elif clip.decision == "accept" and options.include_pseudo:
                     if options.min_confidence is not None and (clip.confidence or 0.0) < options.min_confidence:
                         continue
-                    row = _row(clip, clip.text_raw or "", clip.lang_detected or clip.lang_requested, "pseudo")
+                    row = _row(clip, clip.text_raw or "", clip.lang_detected or _requested(clip), "pseudo")
                     split = "train"
                 else:
                     continue
@@ -110,6 +110,10 @@ def _latest_submits(s: Any, pid: int) -> dict[int, Review]:
         .order_by(Review.id)
     ).scalars()
     return {r.clip_pk: r for r in rows}
+
+
+def _requested(clip: Clip) -> str | None:
+    return clip.lang_requested if clip.lang_requested and clip.lang_requested != "auto" else None
 
 
 def _row(clip: Clip, text: str, lang: str | None, origin: str) -> dict[str, Any]:

@@ -86,9 +86,12 @@ def test_every_input_clip_comes_back_exactly_once(job, archive: Path) -> None:
 
 def test_short_clips_match_the_engine_clip_for_clip(job, engine, short_clips) -> None:
     _, _, rows = job
+    from asr.audio import decode_audio
+
     by_source = {r["source_uri"]: r for r in rows if r["segment_count"] == 1}
-    audios = [audio for _, audio in short_clips]
-    expected = engine.transcribe(audios)
+    # the same input the job decoded: a manifest's duration bounds the read, as in NeMo
+    audios = [decode_audio(row["audio_filepath"], duration_s=row["duration"]) for row, _ in short_clips]
+    expected = engine.transcribe(audios, langs=[row.get("lang") or "auto" for row, _ in short_clips])  # as the lines ask
     for (row, _), want in zip(short_clips, expected, strict=True):
         got = by_source[row["audio_filepath"]]
         assert got["status"] == "ok"
@@ -145,7 +148,7 @@ def test_output_reads_as_is_with_duckdb_pandas_and_datasets(job) -> None:
     import pandas as pd
 
     out, summary, _ = job
-    n = duckdb.sql(f"select count(*) from '{out}/*.parquet' where status = 'ok'").fetchone()[0]
+    n = duckdb.sql(f"select count(*) from '{out}/*.parquet' where status = 'ok'").fetchall()[0][0]
     assert n == summary["clips_ok"]
     frame = pd.read_parquet(out)
     assert len(frame) == summary["rows"] and "words" in frame.columns
@@ -288,6 +291,8 @@ def test_the_job_runs_across_a_multi_node_ray_cluster(archive: Path, tmp_path: P
                 "2",
                 "--shard-size",
                 "8",
+                "--batch-size",
+                "4",
                 "--quiet",
             ],
             env=env,
@@ -366,8 +371,10 @@ def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhot
     dev = read_manifest(str(tmp_path / "manifests" / "dev.jsonl"))
     assert dev and all(r["origin"] == "review" for r in dev)
     exported = {r["clip_id"]: r for r in train + dev}
+    from asr.text import strip_tags
+
     for clip_id, text in corrected.items():
-        assert exported[clip_id]["text"].startswith(text.split(".")[0])
+        assert " ".join(strip_tags(exported[clip_id]["text"]).split()) == " ".join(text.split())
         assert "<" in exported[clip_id]["text"]  # language tags, the way the model writes them
     assert not any(r["status"] == "error" and r["clip_id"] in exported for r in rows)
     loaded = {}
