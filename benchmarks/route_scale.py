@@ -47,18 +47,35 @@ def write_table(folder: Path, rows: int, *, part_rows: int = 100_000, seed: int 
             error = i % 100 == 99
             batch.append(
                 {
-                    "clip_id": f"{i:016x}", "item_id": f"{i:016x}", "source_uri": f"s3://archive/{i // 1000}/{i}.flac",
-                    "source_hash": None, "offset_s": 0.0, "duration_s": round(n * 0.4, 2), "segment_index": 0,
-                    "segment_count": 1, "status": "error" if error else "ok", "error": "truncated file" if error else None,
-                    "text": None if error else text, "text_raw": None if error else f"{text} <{lang}>",
-                    "lang_requested": "auto", "lang_detected": None if error else lang,
-                    "sentences": [] if error else [{"text": text, "lang": lang, "start_s": 0.1, "end_s": n * 0.4, "confidence": min(confs)}],
-                    "words": [] if error else [
+                    "clip_id": f"{i:016x}",
+                    "item_id": f"{i:016x}",
+                    "source_uri": f"s3://archive/{i // 1000}/{i}.flac",
+                    "source_hash": None,
+                    "offset_s": 0.0,
+                    "duration_s": round(n * 0.4, 2),
+                    "segment_index": 0,
+                    "segment_count": 1,
+                    "status": "error" if error else "ok",
+                    "error": "truncated file" if error else None,
+                    "text": None if error else text,
+                    "text_raw": None if error else f"{text} <{lang}>",
+                    "lang_requested": "auto",
+                    "lang_detected": None if error else lang,
+                    "sentences": []
+                    if error
+                    else [{"text": text, "lang": lang, "start_s": 0.1, "end_s": n * 0.4, "confidence": min(confs)}],
+                    "words": []
+                    if error
+                    else [
                         {"word": w, "start_s": k * 0.4, "end_s": k * 0.4 + 0.3, "confidence": c}
                         for k, (w, c) in enumerate(zip(words, confs, strict=True))
                     ],
-                    "confidence": None if error else sum(confs) / n, "ref_text": None, "model_id": "demo@abc",
-                    "att_context": [56, 13], "run_id": "bench-run", "created_at": created,
+                    "confidence": None if error else sum(confs) / n,
+                    "ref_text": None,
+                    "model_id": "demo@abc",
+                    "att_context": [56, 13],
+                    "run_id": "bench-run",
+                    "created_at": created,
                 }  # fmt: skip
             )
         pq.write_table(to_table(batch), folder / f"part-{part:06d}.parquet")

@@ -91,7 +91,9 @@ def test_short_clips_match_the_engine_clip_for_clip(job, engine, short_clips) ->
     by_source = {r["source_uri"]: r for r in rows if r["segment_count"] == 1}
     # the same input the job decoded: a manifest's duration bounds the read, as in NeMo
     audios = [decode_audio(row["audio_filepath"], duration_s=row["duration"]) for row, _ in short_clips]
-    expected = engine.transcribe(audios, langs=[row.get("lang") or "auto" for row, _ in short_clips])  # as the lines ask
+    expected = engine.transcribe(
+        audios, langs=[row.get("lang") or "auto" for row, _ in short_clips]
+    )  # as the lines ask
     for (row, _), want in zip(short_clips, expected, strict=True):
         got = by_source[row["audio_filepath"]]
         assert got["status"] == "ok"
