@@ -4,31 +4,36 @@
 
 The same clips (the corpus's short clips, each also cut at two other offsets, plus the long
 recordings: a few hundred clips of 1-90 s) are transcribed three ways on this machine, in the
-``auto`` language mode, one after the other, ``--repeats`` times:
+``auto`` language mode, each as a user runs it: a fresh process per run, so every way pays for
+starting Python, importing NeMo and loading the model, and every way decodes the audio itself.
 
 1. ``engine loop``: one process decodes each clip and calls ``Transcriber.transcribe`` on lists
    of 64 clips (the engine packs them by length). No Ray, no VAD, no Parquet.
-2. ``nemo transcribe``: NeMo's own ``model.transcribe(arrays, batch_size=16)`` on the same
-   decoded arrays (decoding not timed; long recordings whole).
-3. ``earmark transcribe``: the Ray Data job, from the manifest to Parquet parts (decode, VAD
-   split, actor pool, commit), with Ray already started (a cluster is up before a job comes).
+2. ``nemo transcribe``: one process decodes the clips and calls NeMo's own
+   ``model.transcribe(arrays, batch_size=16)`` (long recordings whole).
+3. ``earmark transcribe``: the command, from the manifest to Parquet parts (decode, VAD split,
+   actor pool, commit, summary), joining a Ray cluster started once beforehand on this machine
+   (``ray start --head``; a cluster is up before jobs come, so its start-up is reported apart).
 
-Each timing includes loading the model. Throughput is the input's audio seconds (the same
-number for all three) per wall second; printed: the median of the repeats and its ratio to the
-engine loop.
+Throughput is the input's audio seconds (the same number for all three) per wall second of the
+whole process; printed: each run, the median of the repeats and its ratio to the engine loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def build_manifest(folder: Path, copies: int) -> tuple[Path, list[dict]]:
@@ -59,90 +64,132 @@ def total_seconds(rows: list[dict]) -> float:
     return total
 
 
-def engine_loop(rows: list[dict]) -> tuple[float, float]:
+def engine_loop(manifest: Path) -> None:
     from asr.audio import decode_audio
     from asr.engine import Transcriber
 
-    t0 = time.perf_counter()
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     engine = Transcriber.load("demo", device="cpu")
-    audio_s = 0.0
     for i in range(0, len(rows), 64):
         chunk = rows[i : i + 64]
         audios = [
             decode_audio(r["audio_filepath"], offset_s=r.get("offset", 0.0), duration_s=r.get("duration"))
             for r in chunk
         ]
-        audio_s += sum(len(a) for a in audios) / 16_000
         engine.transcribe(audios)
-    return audio_s, time.perf_counter() - t0
 
 
-def nemo_transcribe(rows: list[dict]) -> tuple[float, float]:
+def nemo_transcribe(manifest: Path) -> None:
     from asr.audio import decode_audio
     from asr.model import load_model
 
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     audios = [
         decode_audio(r["audio_filepath"], offset_s=r.get("offset", 0.0), duration_s=r.get("duration")) for r in rows
     ]
-    t0 = time.perf_counter()
     model, _ = load_model("demo", device="cpu")
     model.transcribe(audios, batch_size=16, verbose=False)
-    return sum(len(a) for a in audios) / 16_000, time.perf_counter() - t0
 
 
-def earmark_job(manifest: Path, work: Path, k: int) -> tuple[float, float]:
-    from cluster.storage import StorageOptions
-    from jobs.stages import JobSettings
-    from jobs.transcribe import TranscribeRequest, run_transcribe
-
-    request = TranscribeRequest(
-        input=str(manifest),
-        out=str(work / f"out{k}"),
-        settings=JobSettings(run_id="", storage=StorageOptions()),
-        quiet=True,
-    )
+def timed(cmd: list[str], env: dict) -> float:
     t0 = time.perf_counter()
-    summary = run_transcribe(request)
-    return summary["audio_hours"] * 3600, time.perf_counter() - t0
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-1500:])
+    return wall
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--copies", type=int, default=3, help="cuts of each short clip")
+    parser.add_argument("--run", choices=["engine", "nemo"], help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from cluster.runtime import connect
-
+    if args.run:  # one timed way, in this fresh process
+        (engine_loop if args.run == "engine" else nemo_transcribe)(args.manifest)
+        return
+    env = os.environ | {
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "NEMO_LOGGING_LEVEL": "ERROR", "RAY_ADDRESS": "",
+        "RAY_AUTH_MODE": "disabled",  # a throwaway cluster on loopback
+    }  # fmt: skip
+    ray_bin = str(Path(sys.executable).parent / "ray")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         manifest, rows = build_manifest(work, args.copies)
         total_audio = total_seconds(rows)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         t0 = time.perf_counter()
-        connect(quiet=True)
+        subprocess.run(
+            [
+                ray_bin,
+                "start",
+                "--head",
+                f"--port={port}",
+                "--node-ip-address=127.0.0.1",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={work / 'ray'}",
+            ],  # fmt: skip
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         ray_start = time.perf_counter() - t0
-        results: dict[str, list[float]] = {"engine loop": [], "nemo transcribe": [], "earmark transcribe": []}
-        for k in range(args.repeats):
-            for name, run in (
-                ("engine loop", lambda: engine_loop(rows)),
-                ("nemo transcribe", lambda: nemo_transcribe(rows)),
-                ("earmark transcribe", lambda k=k: earmark_job(manifest, work, k)),
-            ):
+        me = [sys.executable, str(Path(__file__).resolve())]
+        ways = {
+            "engine loop": lambda k: me + ["--run", "engine", "--manifest", str(manifest)],
+            "nemo transcribe": lambda k: me + ["--run", "nemo", "--manifest", str(manifest)],
+            "earmark transcribe": lambda k: [
+                sys.executable,
+                "-m",
+                "jobs.cli",
+                "transcribe",
+                str(manifest),
+                "--out",
+                str(work / f"out{k}"),
+                "--address",
+                f"127.0.0.1:{port}",
+                "--quiet",
+            ],  # fmt: skip
+        }
+        results: dict[str, list[float]] = {name: [] for name in ways}
+        try:
+            for k in range(args.repeats):
+                for name, cmd in ways.items():
+                    try:
+                        wall = timed(cmd(k), env)
+                    except RuntimeError as exc:  # a failing baseline is reported, not fatal
+                        print(f"{name}: failed: {exc}")
+                        continue
+                    results[name].append(total_audio / wall)
+                    print(f"repeat {k + 1} {name:20s} {wall:6.1f} s -> {total_audio / wall:6.1f} audio s/s", flush=True)
+        finally:  # stop this cluster only (`ray stop` would stop every Ray on the machine)
+            import psutil
+
+            marks = (f":{port}", f"gcs_server_port={port}", str(work / "ray"))
+            found = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if any(m in " ".join(p.info["cmdline"] or ()) for m in marks)
+            ]
+            for proc in found + [c for p in found for c in p.children(recursive=True)]:
                 try:
-                    seconds, wall = run()
-                except Exception as exc:  # noqa: BLE001 - a failing baseline is reported, not fatal
-                    print(f"{name}: failed ({type(exc).__name__}: {str(exc)[:200]})")
-                    continue
-                results[name].append(total_audio / wall)
-                print(
-                    f"repeat {k + 1} {name:20s} {wall:6.1f} s -> {total_audio / wall:6.1f} audio s/s ({seconds:.0f} s transcribed)"
-                )
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
     base = statistics.median(results["engine loop"])
-    print(f"\n{len(rows)} clips, {total_audio:.0f} s of audio; Ray start-up (not in the timings): {ray_start:.1f} s")
+    print(
+        f"\n{len(rows)} clips, {total_audio:.0f} s of audio; Ray cluster start-up (not in the timings): {ray_start:.1f} s"
+    )
     print(f"{'way':20s} {'audio s/s (median)':>20s} {'ratio to engine loop':>22s}")
     for name, values in results.items():
         if values:

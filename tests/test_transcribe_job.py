@@ -243,7 +243,9 @@ def test_the_job_runs_across_a_multi_node_ray_cluster(archive: Path, tmp_path: P
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = os.environ | QUIET_ENV | {"RAY_ADDRESS": ""}
+    # RAY_AUTH_MODE: Ray 2.60's `ray start --head` may turn token authentication on while a joining
+    # `ray start` assumes it off; a throwaway cluster on loopback needs none
+    env = os.environ | QUIET_ENV | {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
     temp = Path("/tmp") / f"ray-mn-{os.getpid()}"
     head = [
         ray_bin,
@@ -272,10 +274,15 @@ def test_the_job_runs_across_a_multi_node_ray_cluster(archive: Path, tmp_path: P
     def stop_cluster() -> None:  # only this cluster's processes: `ray stop` would stop every Ray here
         import psutil
 
-        marks = (f"127.0.0.1:{port}", f"gcs_server_port={port}", str(temp))
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(m in " ".join(proc.info["cmdline"] or ()) for m in marks):
+        marks = (f":{port}", f"gcs_server_port={port}", str(temp))
+        found = [
+            p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or ()) for m in marks)
+        ]
+        for proc in found + [c for p in found for c in _children(p)]:
+            try:
                 proc.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
@@ -422,3 +429,12 @@ def test_evaluate_scores_a_manifest_per_language_and_writes_a_report(ray_local, 
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "de-DE" in html
     assert json.loads((out / "metrics.json").read_text())["clips_scored"] == len(shorts)
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
