@@ -48,8 +48,10 @@ class TranscribeOptions:
     #: Attention context ``(left, right)``, e.g. ``(56, 13)``; None = the model's default.
     #: The right context sets the latency mode: 0, 1, 3, 6, 13 -> 80/160/320/560/1120 ms chunks.
     att_context: tuple[int, int] | None = None
-    #: Padded audio seconds per forward pass (clips are sorted by length and packed).
-    batch_seconds: float = 300.0
+    #: Padded audio seconds per forward pass (clips are sorted by length and packed); None picks
+    #: by device: 60 s on CPU (measured fastest here: 40-100 s run 1.5x faster than 300 s, caches
+    #: stay warm) and 600 s on a GPU (fills it).
+    batch_seconds: float | None = None
     #: Most clips per forward pass.
     max_batch_size: int = 64
 
@@ -124,6 +126,11 @@ class Transcriber:
 
     # -- offline -------------------------------------------------------------------------
 
+    def batch_seconds(self, options: TranscribeOptions) -> float:
+        if options.batch_seconds is not None:
+            return options.batch_seconds
+        return 60.0 if self.device == "cpu" else 600.0
+
     def transcribe(
         self,
         audios: Sequence[np.ndarray],
@@ -146,7 +153,7 @@ class Transcriber:
         with self._lock:
             att = self.set_att_context(options.att_context)
             for batch in pack_by_length(
-                [len(a) for a in audios], options.batch_seconds * self.info.sample_rate, options.max_batch_size
+                [len(a) for a in audios], self.batch_seconds(options) * self.info.sample_rate, options.max_batch_size
             ):
                 outs = self._transcribe_batch(
                     [audios[i] for i in batch], [indices[i] for i in batch], [requested[i] for i in batch], att

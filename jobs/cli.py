@@ -183,8 +183,9 @@ def transcribe(
         typer.Option("--gpus-per-actor", help="GPUs per actor (default 1 when the cluster has GPUs, else 0)."),
     ] = None,
     batch_seconds: Annotated[
-        float, typer.Option("--batch-seconds", help="Padded audio seconds per forward pass (clips packed by duration).")
-    ] = 300.0,
+        float | None,
+        typer.Option("--batch-seconds", help="Padded audio seconds per forward pass (default: 60 on CPU, 600 on GPU)."),
+    ] = None,
     endpoint_url: Annotated[
         str | None,
         typer.Option("--endpoint-url", help="S3-compatible endpoint (default: $EARMARK_S3_ENDPOINT_URL, else AWS)."),

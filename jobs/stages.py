@@ -46,7 +46,8 @@ class JobSettings:
     lang: str = "auto"
     model: str = "demo"
     att_context: tuple[int, int] | None = None
-    batch_seconds: float = 300.0
+    #: padded audio seconds per forward pass (None: the engine's default for its device)
+    batch_seconds: float | None = None
     max_segment_s: float = 30.0
     device: str | None = None
     #: torch threads in a CPU actor (None = torch's default)
