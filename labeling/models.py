@@ -119,7 +119,11 @@ class Task(Base):
 
 class Review(Base):
     __tablename__ = "reviews"
-    __table_args__ = (Index("ix_reviews_task", "task_id"), Index("ix_reviews_reviewer", "reviewer_id", "created_at"))
+    __table_args__ = (
+        Index("ix_reviews_task", "task_id"),
+        Index("ix_reviews_reviewer", "reviewer_id", "created_at"),
+        Index("ix_reviews_reviewer_action_task", "reviewer_id", "action", "task_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
