@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+import orjson
+from sqlalchemy import any_, bindparam, insert, select
+from sqlalchemy.dialects import postgresql
 
 from cluster import storage
 from labeling.models import Clip, Run, Task, utcnow
-from labeling.policy import REVIEW, Decision, Policy, budget_keep, check
+from labeling.policy import ACCEPT, REJECT, REVIEW, Decision, Policy, budget_keep, check
 from labeling.queue import ReviewQueue
 
 log = logging.getLogger(__name__)
@@ -45,15 +47,25 @@ class RouteReport:
         return dict(self.__dict__)
 
 
+POLICY_COLUMNS = (
+    "clip_id", "status", "error", "text", "duration_s", "lang_requested", "lang_detected", "confidence",
+    "sentences", "words",
+)  # fmt: skip
+
+
 def read_batches(
-    source: str, *, batch_rows: int, options: storage.StorageOptions | None = None
+    source: str,
+    *,
+    batch_rows: int,
+    options: storage.StorageOptions | None = None,
+    columns: tuple[str, ...] = LABEL_COLUMNS,
 ) -> Iterator[list[dict]]:
     """Rows of the pseudo-label table at ``source`` in lists of ``batch_rows`` (streamed)."""
     import pyarrow.dataset as pads
 
     fs, path = storage.pyarrow_filesystem(source, options)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    for batch in dataset.to_batches(columns=list(LABEL_COLUMNS), batch_size=batch_rows):
+    for batch in dataset.to_batches(columns=list(columns), batch_size=batch_rows):
         yield batch.to_pylist()
 
 
@@ -67,13 +79,17 @@ def route_table(
     options: storage.StorageOptions | None = None,
 ) -> RouteReport:
     report = RouteReport(decisions={})
-    # pass 1: the budget needs every review candidate before any is chosen
+    # pass 1: the budget needs every review candidate before any is chosen. The verdicts of the
+    # rows that are not plainly accepted are kept for pass 2 (accepted rows, the bulk, cost nothing).
     candidates: list[Decision] = []
+    verdicts: dict[str, tuple[str, tuple[str, ...]]] = {}
     total = 0
-    for rows in read_batches(source, batch_rows=batch_rows, options=options):
+    for rows in read_batches(source, batch_rows=batch_rows, options=options, columns=POLICY_COLUMNS):
         total += len(rows)
         for row in rows:
             decision, reasons = check(row, policy)
+            if decision != ACCEPT:
+                verdicts[row["clip_id"]] = decision, reasons
             if decision == REVIEW:
                 candidates.append(Decision(row["clip_id"], REVIEW, (), row.get("lang_detected"), _priority(row)))
     kept = budget_keep(candidates, total=total, policy=policy)
@@ -88,7 +104,7 @@ def route_table(
                 run_id = row["run_id"]
                 if run_id not in runs:
                     runs[run_id] = _run_pk(s, pid, run_id, row.get("model_id"), source)
-            _write_batch(s, pid, rows, policy, kept, runs, report)
+            _write_batch(s, pid, rows, verdicts, kept, runs, report)
         report.rows += len(rows)
     return report
 
@@ -108,33 +124,53 @@ def _run_pk(s: Any, pid: int, run_id: str, model_id: str | None, source: str) ->
     return pk
 
 
+def _in(column: Any, values: list[Any], dialect: str) -> Any:
+    """``column IN values``: one array parameter on PostgreSQL (``= ANY``), whose plan and parse
+    cost do not grow with the list, instead of thousands of bind parameters."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
+
+
 def _write_batch(
-    s: Any, pid: int, rows: list[dict], policy: Policy, kept: set[str], runs: dict[str, int], report: RouteReport
+    s: Any,
+    pid: int,
+    rows: list[dict],
+    verdicts: dict[str, tuple[str, tuple[str, ...]]],
+    kept: set[str],
+    runs: dict[str, int],
+    report: RouteReport,
 ) -> None:
+    dialect = s.bind.dialect.name
     ids = [r["clip_id"] for r in rows]
     existing = {
-        cid: (pk, run_pk, text_raw, decision)
-        for cid, pk, run_pk, text_raw, decision in s.execute(
-            select(Clip.clip_id, Clip.id, Clip.run_pk, Clip.text_raw, Clip.decision).where(
-                Clip.project_id == pid, Clip.clip_id.in_(ids)
+        cid: (pk, run_pk, text_raw, decision, reasons)
+        for cid, pk, run_pk, text_raw, decision, reasons in s.execute(
+            select(Clip.clip_id, Clip.id, Clip.run_pk, Clip.text_raw, Clip.decision, Clip.reasons).where(
+                Clip.project_id == pid, _in(Clip.clip_id, ids, dialect)
             )
         )
     }
     new_rows, review_ids = [], []
     now = utcnow()
     for row in rows:
-        decision, reasons = check(row, policy)
+        decision, reasons = verdicts.get(row["clip_id"], (ACCEPT, ()))
         if decision == REVIEW and row["clip_id"] not in kept:
-            decision, reasons = "reject", (*reasons, "over the review budget")
+            decision, reasons = REJECT, (*reasons, "over the review budget")
         report.decisions[decision] = report.decisions.get(decision, 0) + 1  # type: ignore[index]
-        values = _clip_values(row, pid, runs[row["run_id"]], decision, list(reasons), now)
+        run_pk = runs[row["run_id"]]
         old = existing.get(row["clip_id"])
         if old is None:
-            new_rows.append(values)
+            new_rows.append(_clip_values(row, pid, run_pk, decision, list(reasons), now))
             report.inserted += 1
-        elif old[1] == values["run_pk"] and old[2] == values["text_raw"] and old[3] == decision:
-            report.unchanged += 1
-        else:
+        elif old[1] == run_pk and old[2] == row["text_raw"]:
+            if old[3] == decision and list(old[4] or ()) == list(reasons):
+                report.unchanged += 1
+            else:  # same label, another verdict (the policy or the budget changed)
+                clip = s.get_one(Clip, old[0])
+                clip.decision, clip.reasons = decision, list(reasons)
+                report.updated += 1
+        else:  # a newer label: the old one goes to the history
             clip = s.get_one(Clip, old[0])
             history = list(clip.label_history or [])
             history.append(
@@ -145,7 +181,7 @@ def _write_batch(
                     "confidence": clip.confidence,
                 }
             )
-            for key, value in values.items():
+            for key, value in _clip_values(row, pid, run_pk, decision, list(reasons), now).items():
                 setattr(clip, key, value)
             clip.label_history = history
             report.updated += 1
@@ -155,9 +191,11 @@ def _write_batch(
         bulk_insert(s, Clip, new_rows)
     if review_ids:
         pks = dict(
-            s.execute(select(Clip.clip_id, Clip.id).where(Clip.project_id == pid, Clip.clip_id.in_(review_ids))).all()
+            s.execute(
+                select(Clip.clip_id, Clip.id).where(Clip.project_id == pid, _in(Clip.clip_id, review_ids, dialect))
+            ).all()
         )
-        have = set(s.scalars(select(Task.clip_pk).where(Task.clip_pk.in_(list(pks.values())))))
+        have = set(s.scalars(select(Task.clip_pk).where(_in(Task.clip_pk, list(pks.values()), dialect))))
         by_id = {r["clip_id"]: r for r in rows}
         tasks = [
             {
@@ -180,19 +218,20 @@ def _write_batch(
 
 def bulk_insert(s: Any, model: Any, rows: list[dict[str, Any]]) -> None:
     """Insert many rows: PostgreSQL's COPY (about ten times faster than multi-row INSERTs for
-    wide rows with JSON), a multi-row INSERT elsewhere. Runs inside the session's transaction."""
+    wide rows with JSON; JSON written by orjson), a multi-row INSERT elsewhere. Runs inside the
+    session's transaction."""
     if s.bind.dialect.name != "postgresql":
         s.execute(insert(model), rows)
         return
-    import json
-
     table = model.__table__
     columns = [c.name for c in table.columns if c.name in rows[0]]
-    is_json = {c.name for c in table.columns if c.type.__class__.__name__ == "JSON"}
+    is_json = [c.type.__class__.__name__ == "JSON" for c in table.columns if c.name in rows[0]]
     raw = s.connection().connection.driver_connection  # psycopg 3, same transaction
     with raw.cursor() as cur, cur.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
-            copy.write_row([json.dumps(row[c]) if c in is_json else row[c] for c in columns])
+            copy.write_row(
+                [orjson.dumps(row[c]).decode() if j else row[c] for c, j in zip(columns, is_json, strict=True)]
+            )
 
 
 def _clip_values(row: dict, pid: int, run_pk: int, decision: str, reasons: list, now: Any) -> dict[str, Any]:

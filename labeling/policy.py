@@ -173,10 +173,12 @@ def budget_keep(reviews: Iterable[Decision], *, total: int, policy: Policy) -> s
 def repeated_ngram(text: str, n: int) -> tuple[str, int] | None:
     """The most repeated word n-gram of ``text`` and its count (None when too short)."""
     words = [w.strip(".,;:!?¿¡\"'").lower() for w in text.split()]
-    grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not grams:
+    joined = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not joined:
         return None
-    gram, count = max(grams.items(), key=lambda kv: (kv[1], kv[0]))
+    if len(set(joined)) == len(joined):  # the common case, without a Counter: every n-gram once
+        return max(joined), 1
+    gram, count = max(Counter(joined).items(), key=lambda kv: (kv[1], kv[0]))
     return gram, count
 
 

@@ -83,6 +83,22 @@ def test_routing_sends_unsure_clips_to_review_and_is_idempotent(queue: ReviewQue
     assert queue.stats("p") == {"project": "p", "clips": {"accept": 50, "review": 50}, "tasks": {"es-ES": {"open": 50}}}
 
 
+def test_a_new_policy_changes_verdicts_not_labels(queue: ReviewQueue, tmp_path: Path) -> None:
+    source = write_labels(tmp_path / "labels" / "part-0.parquet", [label(i) for i in range(100)])
+    route_table(queue, "p", source, POLICY)
+    stricter = Policy(confidence={"default": 0.8}, word_confidence=0.0, max_fraction=0.6)
+    report = route_table(queue, "p", source, stricter)
+    # 80 clips under 0.8 now, 60 of them fit the budget; the 20 most confident are over it
+    assert report.decisions == {"accept": 20, "review": 60, "reject": 20}
+    assert (report.inserted, report.updated, report.tasks_created) == (0, 80, 10)  # new thresholds, new reasons
+    with queue.Session() as s:
+        assert all(c.label_history == [] for c in s.scalars(select(Clip)))  # the labels did not change
+        over = s.scalars(select(Clip).where(Clip.decision == "reject")).all()
+        assert all(c.reasons[-1] == "over the review budget" for c in over)
+    again = route_table(queue, "p", source, stricter)
+    assert (again.updated, again.unchanged, again.tasks_created) == (0, 100, 0)
+
+
 def test_a_newer_run_updates_labels_without_losing_reviews(queue: ReviewQueue, tmp_path: Path) -> None:
     route_table(queue, "p", write_labels(tmp_path / "a.parquet", [label(i) for i in range(10)]), POLICY)
     ana, _ = queue.add_reviewer("ana")
