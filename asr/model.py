@@ -86,6 +86,21 @@ def file_sha256(path: Path) -> str:
     return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
+def model_id_of_file(path: Path, name: str | None = None) -> str:
+    """The model id (``name@sha256[:12]``) of a local .nemo, without loading it."""
+    return f"{name or checkpoint_name(path)}@{file_sha256(path)[:12]}"
+
+
+def checkpoint_name(path: Path) -> str:
+    """``earmark-demo`` for the bundled model, ``NAME-VERSION`` for a registry's
+    ``NAME/VERSION/model.nemo``, else the file's stem."""
+    if path == DEMO_MODEL_PATH:
+        return "earmark-demo"
+    if path.name == "model.nemo" and path.parent.name.startswith("v") and path.parent.name[1:].isdigit():
+        return f"{path.parent.parent.name}-{path.parent.name}"
+    return path.stem
+
+
 def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path | str:
     """``demo`` -> the bundled file; an existing path -> itself; ``org/name`` -> the hub name."""
     text = os.fspath(spec)
@@ -116,7 +131,7 @@ def load_model(spec: str | os.PathLike[str], *, device: str = "cpu") -> tuple[An
     try:
         if isinstance(target, Path):
             model = ASRModel.restore_from(restore_path=str(target), map_location=device)
-            name, sha = target.stem if target != DEMO_MODEL_PATH else "earmark-demo", file_sha256(target)
+            name, sha = checkpoint_name(target), file_sha256(target)
         else:
             model = ASRModel.from_pretrained(model_name=target, map_location=device)
             name, sha = target.replace("/", "--"), hashlib.sha256(target.encode()).hexdigest()
@@ -154,20 +169,24 @@ def model_info(model: Any, *, name: str, sha256: str) -> ModelInfo:
     )
 
 
-def read_locales(spec: str | os.PathLike[str]) -> list[str]:
-    """The locales of a local ``.nemo`` (or ``demo``), read from its config without loading NeMo
-    (for the review app's language selector)."""
+def read_prompt_dictionary(spec: str | os.PathLike[str]) -> dict[str, int]:
+    """Prompt key -> index of a local ``.nemo`` (or ``demo``), read from its config without loading
+    NeMo (for the review app's language selector and for checking manifests before training)."""
     import tarfile
 
     import yaml
 
     path = resolve_checkpoint(spec)
     if not isinstance(path, Path):
-        raise ModelLoadError(f"{spec}: locales can be read from a local .nemo only")
+        raise ModelLoadError(f"{spec}: the config can be read from a local .nemo only")
     with tarfile.open(path) as tar:
         member = next((m for m in tar.getmembers() if m.name.endswith("model_config.yaml")), None)
         if member is None:
             raise ModelLoadError(f"{path}: no model_config.yaml inside; is it a .nemo checkpoint?")
         cfg = yaml.safe_load(tar.extractfile(member))  # type: ignore[arg-type]
-    prompts = (cfg.get("model_defaults") or {}).get("prompt_dictionary") or {}
-    return sorted(k for k in prompts if "-" in k)
+    return dict((cfg.get("model_defaults") or {}).get("prompt_dictionary") or {})
+
+
+def read_locales(spec: str | os.PathLike[str]) -> list[str]:
+    """The full locales (``xx-XX``) of a local ``.nemo`` (or ``demo``), without loading NeMo."""
+    return sorted(k for k in read_prompt_dictionary(spec) if "-" in k)

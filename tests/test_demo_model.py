@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asr.demo import card
-from asr.demo.losses import rnnt_loss
+from asr.losses import rnnt_loss
 from tests.quality import needs_accurate_model
 
 

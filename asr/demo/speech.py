@@ -43,10 +43,13 @@ class Voice:
     variant: str = "m1"
     speed_wpm: int = 160
     pitch: int = 50
+    #: Speak the text with another espeak-ng voice (its phonemes and prosody): a foreign accent,
+    #: e.g. English text with ``accent="it"`` (Italian). The language tag stays ``locale``.
+    accent: str | None = None
 
     @property
     def espeak_name(self) -> str:
-        return f"{ESPEAK_VOICES[self.locale]}+{self.variant}"
+        return f"{self.accent or ESPEAK_VOICES[self.locale]}+{self.variant}"
 
 
 @dataclass(frozen=True, slots=True)

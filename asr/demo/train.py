@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from asr.demo import architecture, speech
-from asr.demo.losses import rnnt_loss
+from asr.losses import rnnt_loss
 from asr.text import normalize_for_wer, split_tagged, word_errors
 
 log = logging.getLogger("asr.demo.train")

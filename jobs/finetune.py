@@ -1,0 +1,368 @@
+"""``earmark finetune``: fine-tune the prompt model on Ray Train, evaluate it, register it.
+
+    earmark finetune --train export/train.jsonl --dev export/dev.jsonl --base demo \\
+        --registry models/ --name accent [--workers 2] [--gpus-per-worker 1] [--max-steps 300]
+
+1. The manifests are checked in the driver (every line: audio, duration, text, a locale the base
+   model knows) and hashed for the card.
+2. Ray Train runs ``TorchTrainer`` over N workers (gloo on CPU, NCCL on GPUs). Each worker
+   restores the base ``.nemo`` and trains it with Lightning (``RayDDPStrategy``,
+   ``RayLightningEnvironment``, ``RayTrainReportCallback``, ``prepare_trainer``) on NeMo's Lhotse
+   prompt dataset (``asr.training``). Manifests and audio on ``s3://`` are staged to each
+   worker's disk first. Every ``steps_per_epoch`` steps the workers validate and report a
+   checkpoint to the registry's storage (``<registry>/_train/<name>-<version>``); with
+   ``FailureConfig`` a killed worker makes Ray restart the group, which resumes from the last
+   checkpoint. Rank 0 writes the final ``.nemo`` into the registry.
+3. The driver evaluates the new model and its parent on the dev manifest with ``earmark
+   evaluate`` (same engine, same metrics), then writes the card: the version exists from then on.
+   Promotion is a separate, gated step (``earmark models promote``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asr.training import TrainSettings, check_manifest, epochs_for
+from cluster import storage
+from jobs.registry import Registry, file_digest, gate, utcnow_iso
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneError(RuntimeError):
+    """The fine-tuning job cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class FinetuneRequest:
+    train: list[str]
+    #: One or more dev manifests (several are combined into ``<version>/dev.jsonl``): the gate
+    #: compares WER per language on them, so include every language that must not regress.
+    dev: list[str]
+    registry: str
+    base: str = "demo"
+    name: str = "earmark"
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    #: CPUs each worker holds (None: the cluster's CPUs shared out, at least one).
+    cpus_per_worker: float | None = None
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    address: str | None = None
+    storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
+    #: Worker-group restarts allowed (a killed worker resumes from the last checkpoint).
+    max_failures: int = 2
+    att_context: tuple[int, int] | None = None
+    quiet: bool = False
+
+
+def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
+    """Train, evaluate against the parent, write the model and its card; returns the card."""
+    started = time.perf_counter()
+    registry = Registry(req.registry, req.storage)
+    base_uri, parent = _resolve_base(req.base, registry)
+    base_local = storage.localize(base_uri, req.storage) if storage.is_remote(base_uri) else Path(base_uri)
+    from asr.model import model_id_of_file, read_prompt_dictionary
+
+    prompts = read_prompt_dictionary(base_local)
+    if isinstance(req.dev, str):
+        req.dev = [req.dev]
+    if not req.train or not req.dev:
+        raise FinetuneError("name at least one --train and one --dev manifest")
+    data = {
+        "train": [_describe(uri, prompts, req.storage) for uri in req.train],
+        "dev": [_describe(uri, prompts, req.storage) for uri in req.dev],
+    }
+    version = registry.next_version(req.name)
+    dev = _combine(req.dev, registry.path(req.name, version, "dev.jsonl"), req.storage)
+    run_name = f"{req.name}-{version}"
+    model_uri = registry.path(req.name, version, "model.nemo")
+
+    from cluster.runtime import connect
+
+    connect(req.address, quiet=True)
+    train_started = time.perf_counter()
+    result = _train(req, base_uri=base_uri, dev=dev, model_uri=model_uri, run_name=run_name, registry=registry)
+    train_s = time.perf_counter() - train_started
+
+    evals = registry.path(req.name, version, "eval")
+    metrics_new = _evaluate(req, model_uri, dev, f"{evals}/dev")
+    metrics_parent = _evaluate(req, base_uri, dev, f"{evals}/dev-parent")
+    refused = gate(metrics_new["languages"], metrics_parent["languages"])
+    local_model = storage.localize(model_uri, req.storage) if storage.is_remote(model_uri) else Path(model_uri)
+    card = {
+        "name": req.name,
+        "version": version,
+        "model_id": model_id_of_file(local_model, name=f"{req.name}-{version}"),
+        "created_at": utcnow_iso(),
+        "base": parent.get("base") or parent["model_id"],
+        "parent": parent,
+        "data": data,
+        "training": {
+            **req.settings.to_dict(),
+            "workers": req.workers,
+            "gpus_per_worker": req.gpus_per_worker,
+            "train_s": round(train_s, 1),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "steps": result["step"],
+            "attempts": result["attempts"],
+            "resumed_from_steps": result["resumed_from_steps"],
+            "attempt_log": result["attempt_log"],
+            "ray_run": run_name,
+        },
+        "metrics": {"dev": _slim(metrics_new), "parent_dev": _slim(metrics_parent)},
+        "gate": {"passed": not refused, "reasons": refused},
+        "promotion": None,
+    }
+    registry.publish_card(req.name, version, card)
+    return card
+
+
+def _slim(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: metrics[k] for k in ("languages", "clips_scored", "clips_failed", "confidence", "model_id") if k in metrics
+    }
+
+
+def _resolve_base(base: str, registry: Registry) -> tuple[str, dict[str, Any]]:
+    """``demo``, a path or URI of a .nemo, or ``NAME[/VERSION]`` of the registry."""
+    from asr.model import DEMO_MODEL_PATH, model_id_of_file
+
+    if base == "demo":
+        return str(DEMO_MODEL_PATH), {"model_id": model_id_of_file(DEMO_MODEL_PATH, name="earmark-demo"), "ref": "demo"}
+    if storage.is_remote(base) or base.endswith(".nemo"):
+        if not storage.exists(base, registry.options):
+            raise FinetuneError(
+                f"--base {base}: no such checkpoint; pass 'demo', a .nemo path or URI, or NAME[/VERSION] of the registry"
+            )
+        local = storage.localize(base, registry.options) if storage.is_remote(base) else Path(base)
+        return base, {"model_id": model_id_of_file(local, name=Path(base).stem), "ref": base}
+    card = registry.card(*base.split("/", 1)) if "/" in base else registry.card(base)
+    uri = registry.path(card["name"], card["version"], "model.nemo")
+    return uri, {"model_id": card["model_id"], "ref": f"{card['name']}/{card['version']}", "base": card.get("base")}
+
+
+def _describe(uri: str, prompts: dict[str, int], options: storage.StorageOptions) -> dict[str, Any]:
+    from asr.training import ManifestError
+
+    try:
+        text = storage.read_bytes(uri, options).decode("utf-8")
+    except storage.StorageError as exc:
+        raise FinetuneError(f"manifest {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{uri}: not UTF-8 text; a NeMo manifest is JSON lines") from exc
+    return {"uri": uri, "sha256": file_digest(uri, options), **check_manifest(uri, text, prompts)}
+
+
+def _combine(manifests: list[str], target: str, options: storage.StorageOptions) -> str:
+    """One manifest for several (audio paths made absolute); a single manifest is used as is."""
+    if len(manifests) == 1:
+        return manifests[0]
+    from jobs.clips import resolve_audio_path
+
+    lines = []
+    for uri in manifests:
+        base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else str(Path(uri).resolve().parent)
+        for line in storage.read_bytes(uri, options).decode("utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                row["audio_filepath"] = resolve_audio_path(str(row["audio_filepath"]), base)
+                lines.append(json.dumps(row, ensure_ascii=False))
+    storage.write_bytes(target, ("\n".join(lines) + "\n").encode(), options)
+    return target
+
+
+def _evaluate(req: FinetuneRequest, model: str, manifest: str, out: str) -> dict[str, Any]:
+    from jobs.evaluate import run_evaluate
+    from jobs.stages import JobSettings
+
+    settings = JobSettings(run_id="", model=model, att_context=req.att_context, storage=req.storage)
+    return run_evaluate(manifest=manifest, out=out, settings=settings, address=req.address, quiet=True)
+
+
+# -- Ray Train ------------------------------------------------------------------------------
+
+
+def _train(
+    req: FinetuneRequest, *, base_uri: str, dev: str, model_uri: str, run_name: str, registry: Registry
+) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = ray.cluster_resources()
+    use_gpu = req.gpus_per_worker > 0
+    if use_gpu and resources.get("GPU", 0) < req.gpus_per_worker * req.workers:
+        raise FinetuneError(
+            f"--workers {req.workers} x --gpus-per-worker {req.gpus_per_worker:g} but the cluster has "
+            f"{resources.get('GPU', 0):g} GPUs; lower them or use --gpus-per-worker 0 (CPU, gloo)"
+        )
+    cpus = req.cpus_per_worker or max(1.0, float(int(resources.get("CPU", 1) // req.workers)))
+    per_worker = {"CPU": cpus, **({"GPU": req.gpus_per_worker} if use_gpu else {})}
+    fs, train_root = storage.pyarrow_filesystem(registry.path("_train"), req.storage)
+    if not storage.is_remote(train_root):
+        Path(train_root).mkdir(parents=True, exist_ok=True)
+    attempts_uri = registry.path("_train", run_name, "_attempts")
+    config = {
+        "base": base_uri,
+        "train": req.train,
+        "dev": dev,
+        "settings": req.settings.to_dict(),
+        "storage": req.storage,
+        "model_uri": model_uri,
+        "attempts_uri": attempts_uri,
+        "threads": max(1, int(cpus)),
+        "use_gpu": use_gpu,
+    }
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=req.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=train_root,
+            storage_filesystem=fs if storage.is_remote(registry.uri) else None,
+            failure_config=FailureConfig(max_failures=req.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; the user needs the cause and the way out
+        raise FinetuneError(f"training failed: {_root_cause(exc)}. Fix it and run the same command again") from exc
+    if getattr(result, "error", None):
+        raise FinetuneError(f"training failed: {_root_cause(result.error)}")
+    attempts = [
+        json.loads(storage.read_bytes(uri, req.storage))
+        for uri in (
+            storage.list_files(attempts_uri, req.storage)
+            if storage.is_remote(attempts_uri) or Path(attempts_uri).is_dir()
+            else []
+        )
+    ]
+    if not storage.exists(model_uri, req.storage):
+        raise FinetuneError(f"training ended but wrote no model at {model_uri}; see the Ray logs")
+    metrics = result.metrics or {}
+    return {
+        "step": int(metrics.get("step", 0)),
+        "attempts": len(attempts),
+        "attempt_log": attempts,
+        "resumed_from_steps": sorted(a["resumed_from_step"] for a in attempts if a.get("resumed_from_step")),
+    }
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: restore the base, train with Lightning under Ray's DDP, report checkpoints."""
+    import lightning.pytorch as pl
+    import ray.train
+    import torch
+    from omegaconf import OmegaConf
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+
+    from asr.training import data_config, merge_into, optim_config, prepare_model
+
+    torch.set_num_threads(config["threads"])
+    settings = TrainSettings(**config["settings"])
+    opts: storage.StorageOptions = config["storage"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    work = Path(tempfile.mkdtemp(prefix=f"earmark-finetune-{rank}-"))
+    train = [stage_manifest(uri, work / "data", opts) for uri in config["train"]]
+    dev = stage_manifest(config["dev"], work / "data", opts)
+    base = config["base"]
+    base_local = storage.localize(base, opts) if storage.is_remote(base) else Path(base)
+
+    from nemo.collections.asr.models import ASRModel
+
+    device = "cuda" if config["use_gpu"] else "cpu"
+    model = ASRModel.restore_from(str(base_local), map_location=device).float()
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if settings.merge < 1 else {}
+    trainer = pl.Trainer(
+        max_steps=settings.max_steps,
+        max_epochs=epochs_for(settings),
+        limit_train_batches=settings.steps_per_epoch,
+        accelerator="gpu" if config["use_gpu"] else "cpu",
+        devices="auto",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        callbacks=[RayTrainReportCallback()],
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=settings.steps_per_epoch,
+        gradient_clip_val=1.0,
+    )
+    trainer = prepare_trainer(trainer)
+    model.set_trainer(trainer)
+    # NeMo counts devices x nodes of the Lightning trainer (1 x 1 per Ray worker); the Lhotse
+    # sampler shards by rank, so it needs Ray's world size.
+    model.world_size = ctx.get_world_size()
+    prepare_model(model, settings, on_gpu=config["use_gpu"])
+    model.setup_training_data(OmegaConf.create(data_config(train, model, settings, train=True)))
+    model.setup_validation_data(OmegaConf.create(data_config([dev], model, settings, train=False)))
+    model.setup_optimization(OmegaConf.create(optim_config(settings)))
+
+    ckpt_path, resumed_from = None, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        local = work / "resume"
+        checkpoint.to_directory(str(local))
+        ckpt_path = str(local / RayTrainReportCallback.CHECKPOINT_NAME)
+        resumed_from = int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+    if rank == 0:
+        import torch.distributed as dist
+
+        record = {
+            "at": utcnow_iso(),
+            "resumed_from_step": resumed_from,
+            "pid": os.getpid(),
+            "world_size": ctx.get_world_size(),
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+        }
+        storage.write_bytes(
+            f"{config['attempts_uri']}/{time.time_ns()}-{uuid.uuid4().hex[:6]}.json", json.dumps(record).encode(), opts
+        )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    if rank == 0:
+        out = work / "model.nemo"
+        merge_into(model, base_state, settings.merge)
+        model.save_to(str(out))
+        storage.upload_file(out, config["model_uri"], opts)
+
+
+def stage_manifest(uri: str, folder: Path, options: storage.StorageOptions) -> str:
+    """A local copy of the manifest ``uri`` whose audio paths are absolute local files (audio on
+    ``s3://`` is downloaded once into earmark's cache); returns its path."""
+    from jobs.clips import resolve_audio_path
+
+    base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else str(Path(uri).resolve().parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for line in storage.read_bytes(uri, options).decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        audio = resolve_audio_path(str(row["audio_filepath"]), base)
+        row["audio_filepath"] = str(
+            storage.localize(audio, options) if storage.is_remote(audio) else Path(audio).resolve()
+        )
+        lines.append(json.dumps(row, ensure_ascii=False))
+    target = folder / f"{uuid.uuid4().hex[:8]}-{uri.rsplit('/', 1)[-1]}"
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(target)
