@@ -310,8 +310,13 @@ def evaluate(
     )
 
 
-@app.command()
+demo_app = typer.Typer(help="The bundled demos: the main job on the sample corpus, and the closed loop.")
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.callback(invoke_without_command=True)
 def demo(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo's pseudo-labels go.")] = Path(
         "build/demo/labels"
     ),
@@ -319,7 +324,10 @@ def demo(
     device: DeviceOpt = None,
     att_context: AttOpt = None,
 ) -> None:
-    """Run the main job (earmark transcribe) on the bundled sample corpus and score it."""
+    """Run the main job (earmark transcribe) on the bundled sample corpus and score it;
+    `earmark demo loop` runs the closed loop on a new accent."""
+    if ctx.invoked_subcommand is not None:
+        return
     from cluster.storage import StorageOptions
     from jobs.demo import run_demo
     from jobs.stages import JobSettings
@@ -341,9 +349,50 @@ def demo(
     run_demo(out=out.resolve(), run_job=run_job)
 
 
+@demo_app.command("loop")
+def demo_loop(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for data, labels, queue, registry, report.")] = Path(
+        "build/loop"
+    ),
+    steps: Annotated[int, typer.Option("--max-steps", help="Fine-tuning steps.")] = 150,
+    workers: Annotated[int, typer.Option("--workers", help="Ray Train workers.")] = 2,
+) -> None:
+    """The closed loop on a new accent: transcribe, route, review (simulated), export, fine-tune,
+    evaluate, promote; prints before/after WER and writes loop-report.json/.html."""
+    from dataclasses import replace
+
+    from jobs.finetune import FinetuneError
+    from jobs.loop import LoopSettings, run_loop
+
+    settings = LoopSettings(workers=workers)
+    settings.train = replace(settings.train, max_steps=steps)
+    try:
+        with results_stay_on_stdout():
+            report = run_loop(out.resolve(), settings, say=lambda m: typer.echo(m, err=True))
+    except (FinetuneError, ValueError, OSError) as exc:
+        fail(str(exc))
+    acc = report["accent"]
+    typer.echo(
+        f"accent ({acc['voice']}): WER {100 * acc['wer_before']:.1f} % -> {100 * acc['wer_after']:.1f} % "
+        f"({100 * acc['relative_reduction']:.0f} % lower), {100 * report['review']['share']:.0f} % of clips reviewed"
+    )
+    for lang, v in report["original"].items():
+        after = "-" if v["after"] is None else f"{100 * v['after']:.1f} %"
+        typer.echo(f"original {lang}: WER {100 * v['before']:.1f} % -> {after}")
+    promotion = report["model"]["promotion"]
+    typer.echo(
+        f"model {report['model']['version']}: " + ("promoted" if "refused" not in promotion else promotion["refused"])
+    )
+    typer.echo(f"report: {out / 'loop-report.html'}")
+
+
 from jobs.review_cli import register as _register_review_commands  # noqa: E402 - after the app exists
 
 _register_review_commands(app)
+
+from jobs.model_cli import register as _register_model_commands  # noqa: E402
+
+_register_model_commands(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

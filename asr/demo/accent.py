@@ -1,0 +1,76 @@
+"""Sets for the "new accent" loop, made with espeak-ng: speech the demo model has not heard.
+
+* the **accent set**: English sentences of the demo vocabulary read by an espeak-ng voice of
+  another language (``ACCENT_VOICE``), whose letter-to-sound rules and prosody the demo model
+  never heard; the language tag stays ``<en-US>``;
+* the **original set**: clips like the demo model's training set (four locales, code-switching),
+  for checking that no original language gets worse;
+* the **replay set**: more clips of the original kind, mixed into fine-tuning so that the model
+  keeps what it knew (a common guard against forgetting; a real deployment replays a sample of
+  the base model's own training data).
+
+Each set is written as 16 kHz FLAC files plus a NeMo manifest (``audio_filepath`` relative to
+the manifest, ``duration``, ``text`` with the tags the way the model writes them, ``target_lang``,
+and ``text_plain``). Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from asr.demo import speech
+
+#: The voice that gives English its accent: an espeak-ng language voice outside the demo's four.
+ACCENT_VOICE = "it"
+ACCENT_SEED, HELDOUT_SEED, ORIGINAL_SEED, REPLAY_SEED = 501, 502, 503, 504
+
+
+def accent_utterances(seed: int, count: int, voice: str = ACCENT_VOICE) -> list[speech.Utterance]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        v = speech.Voice("en-US", rng.choice(speech.VARIANTS), rng.randint(135, 190), rng.randint(30, 70), accent=voice)
+        out.append(speech.Utterance((speech.Sentence(speech.random_sentence_text(rng, "en-US"), v),)))
+    return out
+
+
+def original_utterances(seed: int, count: int) -> list[speech.Utterance]:
+    rng = random.Random(seed)
+    out = []
+    for k in range(count):
+        locale = speech.DEMO_LOCALES[k % len(speech.DEMO_LOCALES)]
+        out.append(speech.random_utterance(rng, locale, max_sentences=1 if rng.random() < 0.7 else 2))
+    return out
+
+
+def _render(utt: speech.Utterance) -> np.ndarray:
+    return speech.render(utt)
+
+
+def write_set(utts: list[speech.Utterance], folder: Path, *, processes: int = 2) -> Path:
+    """FLAC files and ``manifest.jsonl`` in ``folder``; returns the manifest's path."""
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with Pool(processes) as pool:
+        audios = pool.map(_render, utts, chunksize=8)
+    lines = []
+    for k, (utt, audio) in enumerate(zip(utts, audios, strict=True)):
+        name = f"{k:05d}.flac"
+        sf.write(folder / name, audio, speech.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        row = {
+            "audio_filepath": name,
+            "duration": round(len(audio) / speech.SAMPLE_RATE, 3),
+            "text": utt.tagged,
+            "target_lang": utt.locale,
+            "text_plain": utt.text,
+        }
+        lines.append(json.dumps(row, ensure_ascii=False))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
