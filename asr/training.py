@@ -104,12 +104,25 @@ def data_config(
     settings: TrainSettings,
     *,
     train: bool,
+    mix: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """The ``train_ds`` / ``validation_ds`` config of the Lhotse prompt dataset."""
+    """The ``train_ds`` / ``validation_ds`` config of the Lhotse prompt dataset. ``mix`` gives
+    each manifest's share of the samples (Lhotse's default is proportional to their sizes,
+    which drowns a small set of corrections in a large replay set)."""
     defaults = model.cfg.model_defaults
+    if mix is not None and len(manifests) > 1:
+        # NeMo 3.0 reads [[path, weight], ...] for tarred data only; input_cfg weights any source
+        sources: dict[str, Any] = {
+            "input_cfg": [
+                {"type": "nemo", "manifest_filepath": m, "weight": float(w)}
+                for m, w in zip(manifests, mix, strict=True)
+            ]
+        }
+    else:
+        sources = {"manifest_filepath": list(manifests) if len(manifests) > 1 else manifests[0]}
     return {
         "use_lhotse": True,
-        "manifest_filepath": list(manifests) if len(manifests) > 1 else manifests[0],
+        **sources,
         "sample_rate": int(model.cfg.sample_rate),
         "lang_field": "target_lang",
         "prompt_dictionary": dict(defaults.prompt_dictionary),

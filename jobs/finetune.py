@@ -59,6 +59,8 @@ class FinetuneRequest:
     storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
     #: Worker-group restarts allowed (a killed worker resumes from the last checkpoint).
     max_failures: int = 2
+    #: Each --train manifest's share of the training samples (None: proportional to their sizes).
+    mix: list[float] | None = None
     att_context: tuple[int, int] | None = None
     quiet: bool = False
 
@@ -76,6 +78,10 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
         req.dev = [req.dev]
     if not req.train or not req.dev:
         raise FinetuneError("name at least one --train and one --dev manifest")
+    if req.mix is not None and (len(req.mix) != len(req.train) or any(w <= 0 for w in req.mix)):
+        raise FinetuneError(
+            f"--mix {','.join(map(str, req.mix))}: give one positive share per --train manifest ({len(req.train)})"
+        )
     data = {
         "train": [_describe(uri, prompts, req.storage) for uri in req.train],
         "dev": [_describe(uri, prompts, req.storage) for uri in req.dev],
@@ -108,6 +114,7 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
         "training": {
             **req.settings.to_dict(),
             "workers": req.workers,
+            "mix": req.mix,
             "gpus_per_worker": req.gpus_per_worker,
             "train_s": round(train_s, 1),
             "wall_s": round(time.perf_counter() - started, 1),
@@ -213,6 +220,7 @@ def _train(
     config = {
         "base": base_uri,
         "train": req.train,
+        "mix": req.mix,
         "dev": dev,
         "settings": req.settings.to_dict(),
         "storage": req.storage,
@@ -314,7 +322,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # sampler shards by rank, so it needs Ray's world size.
     model.world_size = ctx.get_world_size()
     prepare_model(model, settings, on_gpu=config["use_gpu"])
-    model.setup_training_data(OmegaConf.create(data_config(train, model, settings, train=True)))
+    model.setup_training_data(OmegaConf.create(data_config(train, model, settings, train=True, mix=config.get("mix"))))
     model.setup_validation_data(OmegaConf.create(data_config([dev], model, settings, train=False)))
     model.setup_optimization(OmegaConf.create(optim_config(settings)))
 

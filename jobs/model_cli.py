@@ -52,6 +52,10 @@ def finetune(
         typer.Option("--merge", help="Save (1-m)*base + m*fine-tuned weights (WiSE-FT); below 1 forgets less."),
     ] = 1.0,
     max_failures: Annotated[int, typer.Option("--max-failures", help="Worker-group restarts allowed.")] = 2,
+    mix: Annotated[
+        str | None,
+        typer.Option("--mix", help="Share of each --train manifest in the batches, e.g. 0.4,0.6 (default: by size)."),
+    ] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the model card as JSON.")] = False,
 ) -> None:
@@ -63,6 +67,7 @@ def finetune(
     from jobs.registry import RegistryError
 
     try:
+        shares = [float(x) for x in mix.split(",")] if mix else None
         settings = TrainSettings(
             max_steps=max_steps,
             lr=lr,
@@ -84,6 +89,7 @@ def finetune(
             address=address,
             storage=StorageOptions.from_env(),
             max_failures=max_failures,
+            mix=shares,
         )
         with results_stay_on_stdout():
             card = run_finetune(req)

@@ -14,8 +14,8 @@ worse than the parent's by more than ``tolerance`` (relative); ``force`` with a 
 the gate, and the reason is recorded.
 
 >>> refused = gate({"all": {"wer": 0.10}, "de-DE": {"wer": 0.10}}, {"all": {"wer": 0.12}, "de-DE": {"wer": 0.05}})
->>> refused
-['de-DE: WER 10.0 % is worse than the parent's 5.0 % by more than 10 % relative (allowed up to 6.0 %)']
+>>> print(refused[0])
+de-DE: WER 10.0 % is worse than the parent's 5.0 % by more than 10 % relative (allowed up to 6.0 %)
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ VERSION_RE = re.compile(r"^v(\d{4,})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 #: A language may get this much worse (relative) before the gate refuses ...
 DEFAULT_TOLERANCE = 0.10
-#: ... plus this much absolute WER, so a language at 0 % does not block on one word.
-ABSOLUTE_SLACK = 0.01
+#: ... plus this much absolute WER (half a point), so a language near 0 % does not block on one word.
+ABSOLUTE_SLACK = 0.005
 
 
 class RegistryError(ValueError):

@@ -79,32 +79,6 @@ def _stop_tree(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_two_workers_train_data_parallel_on_cpu(tmp_path: Path) -> None:
-    train, dev = corpus_manifests(tmp_path / "data")
-    registry = tmp_path / "reg"
-    proc = _run_cli(
-        ["finetune", "--train", str(train), "--dev", str(dev), "--registry", str(registry), "--name", "ddp",
-         "--workers", "2", "--max-steps", "4", "--steps-per-checkpoint", "2", "--lr", "1e-5", "--json"]
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        _stop_tree(proc)
-    assert proc.returncode == 0, err[-3000:]
-    card = json.loads(out)
-    assert card["version"] == "v0001" and card["training"]["workers"] == 2
-    assert card["training"]["steps"] == 4
-    (attempt,) = card["training"]["attempt_log"]
-    assert attempt["world_size"] == 2 and attempt["backend"] == "gloo"
-    reg = Registry(str(registry))
-    assert reg.versions("ddp") == ["v0001"] and (registry / "ddp" / "v0001" / "model.nemo").stat().st_size > 1e6
-    assert card["data"]["train"][0]["lines"] == 80 and len(card["data"]["train"][0]["sha256"]) == 64
-    for key in ("dev", "parent_dev"):
-        assert card["metrics"][key]["languages"]["all"]["wer"] is not None
-    # two checkpoints were reported to the registry's storage, the last two kept
-    assert len([d for d in (registry / "_train" / "ddp-v0001").glob("checkpoint_*") if d.is_dir()]) == 2
-
-
 def _train_workers(exclude: set[int]) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -123,13 +97,16 @@ def _registered_checkpoints(run_dir: Path) -> int:
     return len(snapshot.get("checkpoint_results") or [])
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+def test_two_cpu_workers_and_one_killed_mid_run_resume_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """Two data-parallel workers (gloo); once Ray Train has registered a checkpoint, one worker is
+    killed with SIGKILL. Ray restarts the group, which resumes from that checkpoint, and the run
+    ends with a model in the registry and its card."""
     train, dev = corpus_manifests(tmp_path / "data")
     registry = tmp_path / "reg"
     before = {p.pid for p in _train_workers(set())}
     proc = _run_cli(
         ["finetune", "--train", str(train), "--dev", str(dev), "--registry", str(registry), "--name", "kill",
-         "--max-steps", "9", "--steps-per-checkpoint", "3", "--lr", "1e-5", "--json"]
+         "--workers", "2", "--max-steps", "9", "--steps-per-checkpoint", "3", "--lr", "1e-5", "--json"]
     )  # fmt: skip
     killed = None
     try:
@@ -150,7 +127,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path) -> Non
     assert proc.returncode == 0, err[-3000:]
     card = json.loads(out)
     training = card["training"]
+    assert training["workers"] == 2 and training["steps"] == 9
     assert training["attempts"] == 2, training
+    assert all(a["world_size"] == 2 and a["backend"] == "gloo" for a in training["attempt_log"])
     assert training["resumed_from_steps"] and training["resumed_from_steps"][0] in (3, 6)
-    assert training["steps"] == 9
-    assert (registry / "kill" / "v0001" / "model.nemo").is_file()
+    assert Registry(str(registry)).versions("kill") == ["v0001"]
+    assert (registry / "kill" / "v0001" / "model.nemo").stat().st_size > 1e6
+    assert card["data"]["train"][0]["lines"] == 80 and len(card["data"]["train"][0]["sha256"]) == 64
+    for key in ("dev", "parent_dev"):
+        assert card["metrics"][key]["languages"]["all"]["wer"] is not None
+    # checkpoints went to the registry's storage; the last two are kept
+    assert len([d for d in (registry / "_train" / "kill-v0001").glob("checkpoint_*") if d.is_dir()]) == 2

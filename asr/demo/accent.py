@@ -1,8 +1,11 @@
 """Sets for the "new accent" loop, made with espeak-ng: speech the demo model has not heard.
 
-* the **accent set**: English sentences of the demo vocabulary read by an espeak-ng voice of
-  another language (``ACCENT_VOICE``), whose letter-to-sound rules and prosody the demo model
-  never heard; the language tag stays ``<en-US>``;
+* the **accent set**: English sentences of the demo vocabulary read by an espeak-ng voice the
+  demo model never heard (``ACCENT_VOICE``: British Received Pronunciation; the model learned
+  English from the American voice only). The language tag stays ``<en-US>``. Other choices work
+  the same way: ``en-gb-scotland`` or ``en-029`` (harder accents), another language's voice
+  (``de``, ``it``: English with that language's letter-to-sound rules), or ``speed`` outside the
+  135-190 words per minute the model was trained on;
 * the **original set**: clips like the demo model's training set (four locales, code-switching),
   for checking that no original language gets worse;
 * the **replay set**: more clips of the original kind, mixed into fine-tuning so that the model
@@ -25,16 +28,19 @@ import numpy as np
 
 from asr.demo import speech
 
-#: The voice that gives English its accent: an espeak-ng language voice outside the demo's four.
-ACCENT_VOICE = "it"
+#: The voice that gives English its accent (an espeak-ng voice the demo model never heard).
+ACCENT_VOICE = "en-gb-x-rp"
 ACCENT_SEED, HELDOUT_SEED, ORIGINAL_SEED, REPLAY_SEED = 501, 502, 503, 504
 
 
-def accent_utterances(seed: int, count: int, voice: str = ACCENT_VOICE) -> list[speech.Utterance]:
+def accent_utterances(
+    seed: int, count: int, voice: str = ACCENT_VOICE, speed: tuple[int, int] = (135, 190)
+) -> list[speech.Utterance]:
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        v = speech.Voice("en-US", rng.choice(speech.VARIANTS), rng.randint(135, 190), rng.randint(30, 70), accent=voice)
+        variant, wpm, pitch = rng.choice(speech.VARIANTS), rng.randint(*speed), rng.randint(30, 70)
+        v = speech.Voice("en-US", variant, wpm, pitch, accent=voice)
         out.append(speech.Utterance((speech.Sentence(speech.random_sentence_text(rng, "en-US"), v),)))
     return out
 
