@@ -49,9 +49,10 @@ class LoopSettings:
     speed: tuple[int, int] = (135, 190)
     train: TrainSettings = field(
         # auto prompts for 90 % of the clips, as the demo model was trained (its forced prompts
-        # write every tag in the forced locale, which code-switched replay clips would contradict)
+        # write every tag in the forced locale, which code-switched replay clips would contradict);
+        # the prediction network (the language model) stays frozen: an accent is acoustics
         default_factory=lambda: TrainSettings(
-            max_steps=150, lr=3e-4, steps_per_epoch=50, batch_seconds=45.0, unified_auto_ratio=0.9
+            max_steps=150, lr=3e-4, steps_per_epoch=50, batch_seconds=45.0, unified_auto_ratio=0.9, freeze="decoder"
         )
     )
     #: Share of the accent corrections in the training samples (the rest: replay).

@@ -44,7 +44,9 @@ def finetune(
     cpus_per_worker: Annotated[float | None, typer.Option("--cpus-per-worker")] = None,
     max_steps: Annotated[int, typer.Option("--max-steps")] = 300,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
-    freeze: Annotated[str, typer.Option("--freeze", help="encoder | none")] = "none",
+    freeze: Annotated[
+        str, typer.Option("--freeze", help="none | decoder (keep the language model) | encoder (keep the acoustics)")
+    ] = "none",
     batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="Audio seconds per batch.")] = 45.0,
     steps_per_checkpoint: Annotated[int, typer.Option("--steps-per-checkpoint")] = 25,
     merge: Annotated[

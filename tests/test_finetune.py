@@ -138,3 +138,20 @@ def test_two_cpu_workers_and_one_killed_mid_run_resume_from_the_last_checkpoint(
         assert card["metrics"][key]["languages"]["all"]["wer"] is not None
     # checkpoints went to the registry's storage; the last two are kept
     assert len([d for d in (registry / "_train" / "kill-v0001").glob("checkpoint_*") if d.is_dir()]) == 2
+
+
+@pytest.mark.parametrize(
+    ("freeze", "frozen", "trained"), [("decoder", "decoder", "encoder"), ("encoder", "encoder", "decoder")]
+)
+def test_freezing_keeps_one_part_and_cpu_training_uses_the_vectorised_loss(freeze, frozen, trained) -> None:
+    from asr.model import load_model
+    from asr.training import TrainSettings, VectorisedRNNTLoss, prepare_model
+
+    model, _ = load_model("demo")
+    prepare_model(model, TrainSettings(freeze=freeze), on_gpu=False)
+    assert not any(p.requires_grad for p in getattr(model, frozen).parameters())
+    assert all(p.requires_grad for p in getattr(model, trained).parameters())
+    assert all(p.requires_grad for p in model.joint.parameters())
+    assert isinstance(model.loss, VectorisedRNNTLoss)
+    with pytest.raises(ValueError, match="--freeze 'joint': use one of none, encoder, decoder"):
+        TrainSettings(freeze="joint")
