@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from typing import Any
 
 from asr.training import TrainSettings, check_manifest, epochs_for
 from cluster import storage
-from jobs.registry import Registry, file_digest, gate, utcnow_iso
+from jobs.registry import Registry, gate, utcnow_iso
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +161,20 @@ def _describe(uri: str, prompts: dict[str, int], options: storage.StorageOptions
     from asr.training import ManifestError
 
     try:
-        text = storage.read_bytes(uri, options).decode("utf-8")
+        data = storage.read_bytes(uri, options)
+        text = data.decode("utf-8")
     except storage.StorageError as exc:
         raise FinetuneError(f"manifest {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{uri}: not UTF-8 text; a NeMo manifest is JSON lines") from exc
-    return {"uri": uri, "sha256": file_digest(uri, options), **check_manifest(uri, text, prompts)}
+    return {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), **check_manifest(uri, text, prompts)}
 
 
 def _combine(manifests: list[str], target: str, options: storage.StorageOptions) -> str:
     """One manifest for several (audio paths made absolute); a single manifest is used as is."""
     if len(manifests) == 1:
         return manifests[0]
-    from jobs.clips import resolve_audio_path
-
-    lines = []
-    for uri in manifests:
-        base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else str(Path(uri).resolve().parent)
-        for line in storage.read_bytes(uri, options).decode("utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                row["audio_filepath"] = resolve_audio_path(str(row["audio_filepath"]), base)
-                lines.append(json.dumps(row, ensure_ascii=False))
+    lines = [json.dumps(row, ensure_ascii=False) for uri in manifests for row in _rows(uri, options)]
     storage.write_bytes(target, ("\n".join(lines) + "\n").encode(), options)
     return target
 
@@ -357,20 +350,27 @@ def train_worker(config: dict[str, Any]) -> None:
 def stage_manifest(uri: str, folder: Path, options: storage.StorageOptions) -> str:
     """A local copy of the manifest ``uri`` whose audio paths are absolute local files (audio on
     ``s3://`` is downloaded once into earmark's cache); returns its path."""
-    from jobs.clips import resolve_audio_path
-
-    base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else str(Path(uri).resolve().parent)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for line in storage.read_bytes(uri, options).decode("utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        audio = resolve_audio_path(str(row["audio_filepath"]), base)
-        row["audio_filepath"] = str(
-            storage.localize(audio, options) if storage.is_remote(audio) else Path(audio).resolve()
-        )
+    for row in _rows(uri, options):
+        audio = row["audio_filepath"]
+        row["audio_filepath"] = str(storage.localize(audio, options) if storage.is_remote(audio) else Path(audio))
         lines.append(json.dumps(row, ensure_ascii=False))
     target = folder / f"{uuid.uuid4().hex[:8]}-{uri.rsplit('/', 1)[-1]}"
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(target)
+
+
+def _rows(uri: str, options: storage.StorageOptions) -> list[dict[str, Any]]:
+    """The lines of the manifest ``uri`` with audio paths resolved as NeMo resolves them
+    (relative to the manifest; absolute local paths or URIs)."""
+    from jobs.clips import resolve_audio_path
+
+    base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else str(Path(uri).resolve().parent)
+    rows = []
+    for line in storage.read_bytes(uri, options).decode("utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            row["audio_filepath"] = resolve_audio_path(str(row["audio_filepath"]), base)
+            rows.append(row)
+    return rows

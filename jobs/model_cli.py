@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from jobs.review_cli import fail
+
 RegistryOpt = Annotated[
     str,
     typer.Option(
@@ -15,11 +17,6 @@ RegistryOpt = Annotated[
 ]
 
 models_app = typer.Typer(help="List, inspect and promote fine-tuned models in a registry.", no_args_is_help=True)
-
-
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _pct(v: float | None) -> str:

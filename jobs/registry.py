@@ -21,7 +21,6 @@ de-DE: WER 10.0 % is worse than the parent's 5.0 % by more than 10 % relative (a
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -78,11 +77,6 @@ def gate(
                 f"{100 * tolerance:.0f} % relative (allowed up to {100 * allowed:.1f} %)"
             )
     return reasons
-
-
-def file_digest(uri: str, options: storage.StorageOptions | None = None) -> str:
-    """sha256 of the bytes at ``uri`` (manifests: a card says exactly which data made a model)."""
-    return hashlib.sha256(storage.read_bytes(uri, options)).hexdigest()
 
 
 def utcnow_iso() -> str:
