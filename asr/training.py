@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-FREEZE_CHOICES = ("none", "encoder", "decoder")
+FREEZE_CHOICES = ("none", "encoder", "decoder", "head")
+#: The manifests' tag that marks replay clips (what the model already knows) in the Lhotse mix.
+ANCHOR_TAG = "anchor"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class TrainSettings:
     #: acoustics; a new accent then moves the other languages much less (measured on the demo
     #: model: +12 % instead of +22 % WER on the original languages, for a larger accent gain).
     #: ``encoder``: train only the prediction network, joint and prompt projection.
+    #: ``head``: keep the prediction network, joint and prompt projection; train the encoder only
+    #: (with ``anchor``, holding the encoder's output on replay clips holds the whole model's).
     freeze: str = "none"
     #: Audio seconds per batch (Lhotse's dynamic batches).
     batch_seconds: float = 45.0
@@ -42,6 +47,8 @@ class TrainSettings:
     #: Share of training clips prompted with ``auto`` (the rest with their own locale).
     unified_auto_ratio: float = 0.5
     steps_per_epoch: int = 25
+    #: Dev batches validated at each checkpoint (a quick check; the full dev set is scored after training).
+    val_batches: int = 8
     weight_decay: float = 1e-3
     seed: int = 0
     #: Clips longer than this are left out of training (seconds).
@@ -50,6 +57,11 @@ class TrainSettings:
     #: ``(1 - merge) * base + merge * fine-tuned``. Below 1 it keeps more of what the base knew
     #: (other languages and accents) for a little of the new gain; 1.0 keeps the fine-tuned weights.
     merge: float = 1.0
+    #: Function-space anchor (feature distillation, as in learning without forgetting): on replay
+    #: clips the loss adds ``anchor`` x the mean squared distance between the encoder's output and
+    #: the base model's on the same clip. Replay clips then keep the base model's behaviour
+    #: rather than only its labels, and the new data moves what replay does not pin. 0: off.
+    anchor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.freeze not in FREEZE_CHOICES:
@@ -58,6 +70,8 @@ class TrainSettings:
             raise ValueError("--max-steps and the steps per checkpoint must be at least 1")
         if not 0 < self.merge <= 1:
             raise ValueError(f"--merge {self.merge}: expected a weight in (0, 1] (1 = the fine-tuned weights)")
+        if self.anchor < 0:
+            raise ValueError(f"--anchor {self.anchor}: expected a weight >= 0 (0 = off)")
         if not 0 < self.lr < 1:
             raise ValueError(f"--lr {self.lr}: expected a learning rate such as 1e-4")
 
@@ -108,17 +122,22 @@ def data_config(
     *,
     train: bool,
     mix: Sequence[float] | None = None,
+    replay: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The ``train_ds`` / ``validation_ds`` config of the Lhotse prompt dataset. ``mix`` gives
     each manifest's share of the samples (Lhotse's default is proportional to their sizes,
-    which drowns a small set of corrections in a large replay set)."""
+    which drowns a small set of corrections in a large replay set). Clips of the ``replay``
+    manifests (some of ``manifests``) carry :data:`ANCHOR_TAG` for :func:`attach_anchor`."""
     defaults = model.cfg.model_defaults
-    if mix is not None and len(manifests) > 1:
+    if (mix is not None or replay) and len(manifests) > 1:
         # NeMo 3.0 reads [[path, weight], ...] for tarred data only; input_cfg weights any source
+        # and tags its clips. Without a mix, the weights are the sizes (Lhotse's default).
+        weights = list(mix) if mix is not None else [_count_lines(m) for m in manifests]
         sources: dict[str, Any] = {
             "input_cfg": [
                 {"type": "nemo", "manifest_filepath": m, "weight": float(w)}
-                for m, w in zip(manifests, mix, strict=True)
+                | ({"tags": {ANCHOR_TAG: True}} if m in replay else {})
+                for m, w in zip(manifests, weights, strict=True)
             ]
         }
     else:
@@ -142,6 +161,11 @@ def data_config(
         "num_workers": 0,
         "pin_memory": False,
     }
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def optim_config(settings: TrainSettings) -> dict[str, Any]:
@@ -188,12 +212,110 @@ def prepare_model(model: Any, settings: TrainSettings, *, on_gpu: bool) -> None:
         model.preprocessor.freeze()
     elif settings.freeze == "decoder":
         model.decoder.freeze()
+    elif settings.freeze == "head":
+        for module in (model.decoder, model.joint, model.prompt_kernel):
+            module.requires_grad_(False)
     if not on_gpu:
         model.loss = VectorisedRNNTLoss(blank=model.tokenizer.vocab_size)  # RNNT BPE: blank is the last id
         if model.joint.fuse_loss_wer:
             model.joint.set_loss(model.loss)
     # NeMo decodes a training batch every log_every_n_steps for a batch WER: not worth it here.
     model.cfg.log_prediction = False
+
+
+def attach_anchor(model: Any, base: Any, weight: float) -> None:
+    """Add the function-space anchor of :attr:`TrainSettings.anchor` to ``model``'s training loss.
+
+    ``base`` (the base model, restored a second time) encodes the replay clips of each batch;
+    the loss gains ``weight`` x the mean squared distance, over their valid frames, between
+    the trained encoder's output and the base's. Call after ``prepare_model`` and before
+    ``setup_training_data`` (the training batches then carry which clips are replay)."""
+    from nemo.collections.asr.data import audio_to_text_lhotse_prompt_index as prompt_data
+    from nemo.collections.asr.models import rnnt_bpe_models_prompt as prompt_model
+
+    # Kept off the module tree (in a list): not trained, not saved, not synchronised by DDP.
+    teacher = [base.eval()]
+    for p in base.parameters():
+        p.requires_grad_(False)
+    seen: dict[str, Any] = {}
+    forward, training_step = model.forward, model.training_step
+
+    class AnchoredPromptDataset(prompt_data.LhotseSpeechToTextBpeDatasetWithPromptIndex):
+        """NeMo's prompt dataset plus a last tensor: which clips of the batch are replay."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            load = self.load_audio
+
+            def load_and_keep(cuts: Any) -> Any:  # the cuts that loaded, in batch order
+                audio, lens, kept = load(cuts)
+                self._kept = kept
+                return audio, lens, kept
+
+            self.load_audio = load_and_keep
+
+        def __getitem__(self, cuts: Any) -> tuple[torch.Tensor, ...]:
+            batch = super().__getitem__(cuts)
+            replay = torch.tensor([bool(getattr(c, ANCHOR_TAG, False)) for c in self._kept], dtype=torch.bool)
+            return (*batch, replay)
+
+    def remembering_forward(*args: Any, **kwargs: Any) -> Any:
+        state = random.getstate()
+        out = forward(*args, **kwargs)
+        if model.training:
+            # In training the cache-aware encoder draws one of its latency modes per batch
+            # (random.choices); draw it again from the same state so the base uses the same.
+            encoder, after = model.encoder, random.getstate()
+            random.setstate(state)
+            if len(encoder.att_context_size_all) > 1:
+                context = random.choices(encoder.att_context_size_all, weights=encoder.att_context_probs)[0]
+            else:
+                context = encoder.att_context_size
+            random.setstate(after)
+            seen["encoded"], seen["context"] = out, context
+        return out
+
+    def anchored_step(batch: Any, batch_idx: int) -> Any:
+        *batch, replay = batch
+        signal, signal_len, _, _, prompts = batch
+        out = training_step(tuple(batch), batch_idx)
+        encoded, encoded_len = seen.pop("encoded")
+        if not replay.any():
+            return out
+        with torch.no_grad():
+            teacher[0].encoder.set_default_att_context_size(seen.pop("context"))
+            target, _ = teacher[0].forward(
+                input_signal=signal[replay], input_signal_length=signal_len[replay], prompt_indices=prompts[replay]
+            )
+        student = encoded[replay]  # B x D x T
+        frames = torch.arange(student.shape[-1], device=student.device)[None, :] < encoded_len[replay][:, None]
+        distance = ((student - target) ** 2).mean(dim=1)  # per frame
+        penalty = (distance * frames).sum() / frames.sum().clamp(min=1)
+        out["loss"] = out["loss"] + weight * penalty
+        out["anchor_distance"] = penalty.detach()
+        return out
+
+    model.forward = remembering_forward
+    model.training_step = anchored_step
+    model._setup_dataloader_from_config = _with_dataset(
+        model._setup_dataloader_from_config, prompt_model, AnchoredPromptDataset
+    )
+
+
+def _with_dataset(setup: Any, module: Any, dataset_class: type) -> Any:
+    """``setup`` (NeMo's dataloader factory) building training sets with ``dataset_class``."""
+
+    def wrapped(config: Any) -> Any:
+        if not config.get("shuffle"):  # validation: NeMo's own dataset
+            return setup(config)
+        original = module.LhotseSpeechToTextBpeDatasetWithPromptIndex
+        module.LhotseSpeechToTextBpeDatasetWithPromptIndex = dataset_class
+        try:
+            return setup(config)
+        finally:
+            module.LhotseSpeechToTextBpeDatasetWithPromptIndex = original
+
+    return wrapped
 
 
 def merge_into(model: Any, base_state: dict[str, torch.Tensor], weight: float) -> None:

@@ -60,7 +60,10 @@ class FinetuneRequest:
     storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
     #: Worker-group restarts allowed (a killed worker resumes from the last checkpoint).
     max_failures: int = 2
-    #: Each --train manifest's share of the training samples (None: proportional to their sizes).
+    #: Replay manifests: clips of what the base already knows, trained on after the --train
+    #: manifests so that it keeps it; with ``settings.anchor`` the base's outputs on them are kept too.
+    replay: list[str] = field(default_factory=list)
+    #: Each --train then --replay manifest's share of the training samples (None: by their sizes).
     mix: list[float] | None = None
     att_context: tuple[int, int] | None = None
     quiet: bool = False
@@ -79,12 +82,16 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
         req.dev = [req.dev]
     if not req.train or not req.dev:
         raise FinetuneError("name at least one --train and one --dev manifest")
-    if req.mix is not None and (len(req.mix) != len(req.train) or any(w <= 0 for w in req.mix)):
+    sources = len(req.train) + len(req.replay)
+    if req.mix is not None and (len(req.mix) != sources or any(w <= 0 for w in req.mix)):
         raise FinetuneError(
-            f"--mix {','.join(map(str, req.mix))}: give one positive share per --train manifest ({len(req.train)})"
+            f"--mix {','.join(map(str, req.mix))}: give one positive share per --train and --replay manifest ({sources})"
         )
+    if req.settings.anchor > 0 and not req.replay:
+        raise FinetuneError("--anchor holds the base's outputs on replay clips: name them with --replay MANIFEST")
     data = {
         "train": [_describe(uri, prompts, req.storage) for uri in req.train],
+        "replay": [_describe(uri, prompts, req.storage) for uri in req.replay],
         "dev": [_describe(uri, prompts, req.storage) for uri in req.dev],
     }
     version = registry.next_version(req.name)
@@ -213,6 +220,7 @@ def _train(
     config = {
         "base": base_uri,
         "train": req.train,
+        "replay": req.replay,
         "mix": req.mix,
         "dev": dev,
         "settings": req.settings.to_dict(),
@@ -273,7 +281,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from omegaconf import OmegaConf
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    from asr.training import data_config, merge_into, optim_config, prepare_model
+    from asr.training import attach_anchor, data_config, merge_into, optim_config, prepare_model
 
     torch.set_num_threads(config["threads"])
     settings = TrainSettings(**config["settings"])
@@ -282,6 +290,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     work = Path(tempfile.mkdtemp(prefix=f"earmark-finetune-{rank}-"))
     train = [stage_manifest(uri, work / "data", opts) for uri in config["train"]]
+    replay = [stage_manifest(uri, work / "data", opts) for uri in config.get("replay", [])]
     dev = stage_manifest(config["dev"], work / "data", opts)
     base = config["base"]
     base_local = storage.localize(base, opts) if storage.is_remote(base) else Path(base)
@@ -295,6 +304,7 @@ def train_worker(config: dict[str, Any]) -> None:
         max_steps=settings.max_steps,
         max_epochs=epochs_for(settings),
         limit_train_batches=settings.steps_per_epoch,
+        limit_val_batches=settings.val_batches,
         accelerator="gpu" if config["use_gpu"] else "cpu",
         devices="auto",
         strategy=RayDDPStrategy(),
@@ -315,7 +325,12 @@ def train_worker(config: dict[str, Any]) -> None:
     # sampler shards by rank, so it needs Ray's world size.
     model.world_size = ctx.get_world_size()
     prepare_model(model, settings, on_gpu=config["use_gpu"])
-    model.setup_training_data(OmegaConf.create(data_config(train, model, settings, train=True, mix=config.get("mix"))))
+    if settings.anchor > 0:
+        base_model = ASRModel.restore_from(str(base_local), map_location=device).float()
+        attach_anchor(model, base_model, settings.anchor)
+    model.setup_training_data(
+        OmegaConf.create(data_config(train + replay, model, settings, train=True, mix=config.get("mix"), replay=replay))
+    )
     model.setup_validation_data(OmegaConf.create(data_config([dev], model, settings, train=False)))
     model.setup_optimization(OmegaConf.create(optim_config(settings)))
 

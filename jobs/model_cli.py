@@ -42,7 +42,11 @@ def finetune(
     max_steps: Annotated[int, typer.Option("--max-steps")] = 300,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
     freeze: Annotated[
-        str, typer.Option("--freeze", help="none | decoder (keep the language model) | encoder (keep the acoustics)")
+        str,
+        typer.Option(
+            "--freeze",
+            help="none | decoder (keep the language model) | encoder (keep the acoustics) | head (train the encoder only)",
+        ),
     ] = "none",
     batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="Audio seconds per batch.")] = 45.0,
     steps_per_checkpoint: Annotated[int, typer.Option("--steps-per-checkpoint")] = 25,
@@ -51,9 +55,22 @@ def finetune(
         typer.Option("--merge", help="Save (1-m)*base + m*fine-tuned weights (WiSE-FT); below 1 forgets less."),
     ] = 1.0,
     max_failures: Annotated[int, typer.Option("--max-failures", help="Worker-group restarts allowed.")] = 2,
+    replay: Annotated[
+        list[str] | None,
+        typer.Option("--replay", help="Replay manifest(s): clips of what the base knows, mixed in so it keeps it."),
+    ] = None,
+    anchor: Annotated[
+        float,
+        typer.Option(
+            "--anchor", help="Hold the encoder's output on --replay clips to the base's (weight; 0 = off, e.g. 10)."
+        ),
+    ] = 0.0,
     mix: Annotated[
         str | None,
-        typer.Option("--mix", help="Share of each --train manifest in the batches, e.g. 0.4,0.6 (default: by size)."),
+        typer.Option(
+            "--mix",
+            help="Share of each --train, then --replay, manifest in the batches, e.g. 0.4,0.6 (default: by size).",
+        ),
     ] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the model card as JSON.")] = False,
@@ -74,9 +91,11 @@ def finetune(
             batch_seconds=batch_seconds,
             steps_per_epoch=steps_per_checkpoint,
             merge=merge,
+            anchor=anchor,
         )
         req = FinetuneRequest(
             train=list(train),
+            replay=list(replay or []),
             dev=list(dev),
             registry=registry,
             base=base,

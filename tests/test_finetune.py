@@ -155,3 +155,55 @@ def test_freezing_keeps_one_part_and_cpu_training_uses_the_vectorised_loss(freez
     assert isinstance(model.loss, VectorisedRNNTLoss)
     with pytest.raises(ValueError, match="--freeze 'joint': use one of none, encoder, decoder"):
         TrainSettings(freeze="joint")
+
+
+def test_the_anchor_holds_replay_clips_to_the_base_and_leaves_the_others_free(tmp_path: Path) -> None:
+    """In-process, two steps: the replay clips are marked in every batch, the distance to the base
+    is exactly 0 before the first update (the base drew the same latency mode) and grows after it,
+    and the loss carries it."""
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf
+
+    from asr.model import load_model
+    from asr.training import TrainSettings, attach_anchor, data_config, optim_config, prepare_model
+
+    train, _ = corpus_manifests(tmp_path / "data")
+    lines = train.read_text().splitlines()
+    new, replay = tmp_path / "new.jsonl", tmp_path / "replay.jsonl"
+    new.write_text("\n".join(lines[:40]) + "\n")
+    replay.write_text("\n".join(lines[40:]) + "\n")
+    settings = TrainSettings(max_steps=2, lr=1e-3, freeze="head", anchor=10.0, steps_per_epoch=2, warmup_steps=0)
+    model, _ = load_model("demo")
+    base, _ = load_model("demo")
+    seen: list[dict] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            seen.append({"replay": batch[-1].tolist(), **{k: float(v) for k, v in outputs.items()}})
+
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Record()],
+    )  # fmt: skip
+    model.set_trainer(trainer)
+    prepare_model(model, settings, on_gpu=False)
+    attach_anchor(model, base, settings.anchor)
+    config = data_config([str(new), str(replay)], model, settings, train=True, mix=[0.5, 0.5], replay=[str(replay)])
+    assert [bool(c.get("tags")) for c in config["input_cfg"]] == [False, True]
+    model.setup_training_data(OmegaConf.create(config))
+    model.setup_optimization(OmegaConf.create(optim_config(settings)))
+    frozen = {k: v.clone() for k, v in model.joint.state_dict().items()}
+    trainer.fit(model)
+
+    assert len(seen) == 2
+    assert all(any(s["replay"]) for s in seen) and any(not all(s["replay"]) for s in seen)
+    assert seen[0]["anchor_distance"] == 0.0
+    assert seen[1]["anchor_distance"] > 0.0
+    assert all(torch_equal(frozen[k], v) for k, v in model.joint.state_dict().items())  # the head stays
+    assert not any(p.requires_grad for p in base.parameters())  # the base is never trained
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
