@@ -293,6 +293,8 @@ def attach_anchor(model: Any, base: Any, weight: float) -> None:
         penalty = (distance * frames).sum() / frames.sum().clamp(min=1)
         out["loss"] = out["loss"] + weight * penalty
         out["anchor_distance"] = penalty.detach()
+        # per epoch, into the reported checkpoint metrics (and the card): how far replay moved
+        model.log("train_anchor_distance", penalty.detach(), on_step=False, on_epoch=True, batch_size=int(replay.sum()))
         return out
 
     model.forward = remembering_forward

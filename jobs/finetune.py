@@ -33,7 +33,7 @@ from typing import Any
 
 from asr.training import TrainSettings, check_manifest, epochs_for
 from cluster import storage
-from jobs.registry import Registry, gate, utcnow_iso
+from jobs.registry import Registry, gate_card, utcnow_iso
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,13 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
     evals = registry.path(req.name, version, "eval")
     metrics_new = _evaluate(req, model_uri, dev, f"{evals}/dev")
     metrics_parent = _evaluate(req, base_uri, dev, f"{evals}/dev-parent")
-    refused = gate(metrics_new["languages"], metrics_parent["languages"])
+    metrics = {"dev": _slim(metrics_new), "parent_dev": _slim(metrics_parent)}
+    if len(req.dev) > 1:  # each dev manifest is also gated on its own (see registry.gate_card)
+        metrics["dev_sets"] = {
+            uri: {"new": _rescore(metrics_new, uri, req.storage), "parent": _rescore(metrics_parent, uri, req.storage)}
+            for uri in req.dev
+        }
+    refused = gate_card(metrics)
     local_model = storage.localize(model_uri, req.storage) if storage.is_remote(model_uri) else Path(model_uri)
     card = {
         "name": req.name,
@@ -129,10 +135,11 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
             "steps": result["step"],
             "attempts": result["attempts"],
             "resumed_from_steps": result["resumed_from_steps"],
+            "anchor_distance_last_epoch": result["anchor_distance"],
             "attempt_log": result["attempt_log"],
             "ray_run": run_name,
         },
-        "metrics": {"dev": _slim(metrics_new), "parent_dev": _slim(metrics_parent)},
+        "metrics": metrics,
         "gate": {"passed": not refused, "reasons": refused},
         "promotion": None,
     }
@@ -144,6 +151,17 @@ def _slim(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         k: metrics[k] for k in ("languages", "clips_scored", "clips_failed", "confidence", "model_id") if k in metrics
     }
+
+
+def _rescore(metrics: dict[str, Any], manifest: str, options: storage.StorageOptions) -> dict[str, Any]:
+    """The ``languages`` table of the clips of ``manifest`` within an evaluation of the combined dev."""
+    import pyarrow.dataset as pads
+
+    from jobs.evaluate import read_references, score
+
+    fs, root = storage.pyarrow_filesystem(metrics["labels"], options)
+    rows = pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
+    return score(rows, read_references(manifest, options))["languages"]
 
 
 def _resolve_base(base: str, registry: Registry) -> tuple[str, dict[str, Any]]:
@@ -264,6 +282,7 @@ def _train(
         "attempts": len(attempts),
         "attempt_log": attempts,
         "resumed_from_steps": sorted(a["resumed_from_step"] for a in attempts if a.get("resumed_from_step")),
+        "anchor_distance": metrics.get("train_anchor_distance"),
     }
 
 

@@ -79,6 +79,25 @@ def gate(
     return reasons
 
 
+def gate_card(metrics: Mapping[str, Any], *, tolerance: float = DEFAULT_TOLERANCE) -> list[str]:
+    """:func:`gate` over a card's ``metrics``: the combined dev set, then each dev manifest apart.
+
+    Two dev manifests may share a language with opposite trends (a new accent's clips and the
+    original ones, both en-US); pooled, the gain on one hides the loss on the other. So every
+    language of every dev manifest (``metrics["dev_sets"]``) must also hold within the tolerance.
+    """
+    reasons = gate(
+        (metrics.get("dev") or {}).get("languages", {}),
+        (metrics.get("parent_dev") or {}).get("languages", {}),
+        tolerance=tolerance,
+    )
+    for name, pair in (metrics.get("dev_sets") or {}).items():
+        per_set = gate(pair.get("new") or {}, pair.get("parent") or {}, tolerance=tolerance)
+        # the "better overall" rule is the combined set's; here only languages count
+        reasons += [f"{name}: {r}" for r in per_set if not r.startswith(("dev WER", "no dev WER"))]
+    return reasons
+
+
 def utcnow_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -166,12 +185,7 @@ class Registry:
     ) -> dict[str, Any]:
         """Make ``name/version`` the served model if the gate passes (or ``force`` with a reason)."""
         card = self.card(name, version)
-        metrics = card.get("metrics") or {}
-        refused = gate(
-            metrics.get("dev", {}).get("languages", {}),
-            metrics.get("parent_dev", {}).get("languages", {}),
-            tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
-        )
+        refused = gate_card(card.get("metrics") or {}, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
         if refused and not force:
             raise RegistryError(
                 f"{name}/{version} is not promoted: " + "; ".join(refused) + ". Fine-tune again with more or "

@@ -3,9 +3,9 @@ route -> simulated review of the routed clips only -> export -> fine-tune on Ray
 workers) -> evaluate -> gate. The figures are written to the run's report and checked here.
 
 What is asserted is what the loop achieves on this machine (measured: held-out accent WER
-36 % -> 25 %, 30 % lower, with 25 % of the clips reviewed). The original languages do not all
-hold within 10 % yet (see the report's ``original`` table), so this test checks that the gate
-decides from its figures, not that every language holds.
+36 % -> 24-25 %, 32-34 % lower, with 25 % of the clips reviewed). The original languages do not
+all hold within 10 % yet (see the report's ``original`` table), so this test checks that the gate
+decides from its figures (each dev manifest apart), not that every language holds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.registry import gate
+from jobs.registry import gate_card
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,9 @@ def test_the_loop_improves_the_new_accent_and_the_gate_decides_from_its_figures(
     assert model["workers"] == 2 and model["steps"] == 150
     card = json.loads((out / "registry" / "accent" / model["version"] / "card.json").read_text())
     # the gate's verdict follows from the card's own dev figures, and promotion follows the gate
-    refused = gate(card["metrics"]["dev"]["languages"], card["metrics"]["parent_dev"]["languages"])
+    # (the export's dev and the original set are also gated apart: their en-US must not pool)
+    assert len(card["metrics"]["dev_sets"]) == 2
+    refused = gate_card(card["metrics"])
     assert card["gate"] == {"passed": not refused, "reasons": refused}
     if refused:
         assert "refused" in model["promotion"]

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.registry import Registry, RegistryError, gate
+from jobs.registry import Registry, RegistryError, gate, gate_card
 
 
 def langs(all_wer: float, **per: float) -> dict:
@@ -39,6 +39,24 @@ def test_gate_refuses_a_language_the_candidate_was_not_measured_on():
 
 def test_gate_needs_metrics():
     assert gate({}, langs(0.1)) != []
+
+
+def test_each_dev_manifest_is_gated_apart_so_a_pooled_gain_cannot_hide_a_loss():
+    # en-US pooled from an accent set (30 % -> 20 %) and the original set (5 % -> 7 %) improves,
+    # yet the original en-US clips got 40 % worse: refused, naming the manifest
+    metrics = {
+        "dev": {"languages": langs(0.15, en_US=0.15)},
+        "parent_dev": {"languages": langs(0.20, en_US=0.20)},
+        "dev_sets": {
+            "accent-dev.jsonl": {"new": langs(0.20, en_US=0.20), "parent": langs(0.30, en_US=0.30)},
+            "original.jsonl": {"new": langs(0.07, en_US=0.07), "parent": langs(0.05, en_US=0.05)},
+        },
+    }
+    assert gate(metrics["dev"]["languages"], metrics["parent_dev"]["languages"]) == []
+    (reason,) = gate_card(metrics)
+    assert reason.startswith("original.jsonl: en-US: WER 7.0 %")
+    metrics["dev_sets"]["original.jsonl"]["new"] = langs(0.052, en_US=0.052)
+    assert gate_card(metrics) == []
 
 
 def _publish(reg: Registry, tmp_path, name: str, new: float, old: float) -> str:
