@@ -8,6 +8,7 @@ Ray. With no address Ray starts embedded in the process (a laptop); ``--address`
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -32,6 +33,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     # (Ray would otherwise join that cluster, or fail if it is gone)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return "embedded"
+
+
+def disconnect() -> None:
+    """Leave Ray (stop it when embedded) if this process joined it. Entry points call it when their
+    job is done: an explicit shutdown takes ~0.3 s, while leaving it to the interpreter's exit
+    took ~0.8 s more on a 2-core laptop (measured on a joined cluster)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray just to leave it (``--help`` stays fast)
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,8 @@ def plan_actors(
     ActorPlan(actors=1, gpus_per_actor=0.0, cpus_per_actor=1.0, threads=2)
     >>> plan_actors(actors=None, gpus_per_actor=None, cluster_cpus=64, cluster_gpus=8).actors
     8
+    >>> plan_actors(actors=2, gpus_per_actor=None, cluster_cpus=2, cluster_gpus=0)  # a core left to decode
+    ActorPlan(actors=2, gpus_per_actor=0.0, cpus_per_actor=0.5, threads=1)
     """
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster_gpus else 0.0
@@ -76,6 +90,9 @@ def plan_actors(
     if gpus_per_actor:
         return ActorPlan(actors, float(gpus_per_actor), 1.0, None)
     # A CPU actor reserves one core in Ray's books (decoding gets the others) but computes with
-    # its share of all cores: the forward pass dominates, decoding is light and bursty.
+    # its share of all cores: the forward pass dominates, decoding is light and bursty. When the
+    # actors would book every core, they book less, so that a decode task can still be scheduled
+    # (else the job waits forever for decoded audio).
     threads = max(1, int(cluster_cpus // actors))
-    return ActorPlan(actors, 0.0, 1.0, threads)
+    cpus = min(1.0, (cluster_cpus - 1) / actors) if cluster_cpus >= 2 else 1.0
+    return ActorPlan(actors, 0.0, math.floor(cpus * 1000) / 1000, threads)  # rounded down: the core stays free

@@ -78,9 +78,15 @@ def parse_att_context(value: str | None) -> tuple[int, int] | None:
 @contextlib.contextmanager
 def results_stay_on_stdout() -> Iterator[None]:
     """While a job runs, whatever prints to stdout (Ray's worker and raylet messages, the progress
-    bar) goes to stderr, so stdout holds only the result (the JSON of --quiet)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
+    bar) goes to stderr, so stdout holds only the result (the JSON of --quiet). Then the command
+    leaves Ray (see :func:`cluster.runtime.disconnect`)."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        from cluster.runtime import disconnect
+
+        disconnect()
 
 
 def fail(message: str) -> None:

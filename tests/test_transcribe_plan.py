@@ -112,6 +112,12 @@ def test_actor_plans_follow_the_cluster() -> None:
     assert plan_actors(actors=2, gpus_per_actor=0.5, cluster_cpus=16, cluster_gpus=1).gpus_per_actor == 0.5
     cpu = plan_actors(actors=2, gpus_per_actor=None, cluster_cpus=8, cluster_gpus=0)
     assert (cpu.actors, cpu.gpus_per_actor, cpu.threads) == (2, 0.0, 4)
+    # CPU actors never book every core: a decode task (1 CPU) must still fit, or the job waits
+    # forever for audio (it did with --actors 2 on a 2-core laptop)
+    for cores, actors in ((2, 1), (2, 2), (4, 4), (16, 16), (16, 3)):
+        plan = plan_actors(actors=actors, gpus_per_actor=None, cluster_cpus=cores, cluster_gpus=0)
+        assert cores - plan.actors * plan.cpus_per_actor >= 1 - 1e-9, (cores, actors, plan)
+    assert plan_actors(actors=3, gpus_per_actor=None, cluster_cpus=16, cluster_gpus=0).cpus_per_actor == 1.0
     with pytest.raises(ValueError, match="--gpus-per-actor 0 for CPU actors"):
         plan_actors(actors=None, gpus_per_actor=1, cluster_cpus=8, cluster_gpus=0)
 
