@@ -8,7 +8,7 @@ setup:
 demo: setup
 	.venv/bin/earmark demo
 
-# The closed loop on a new accent (transcribe, route, review, export, fine-tune, evaluate, gate): ~6 min on 2 cores.
+# The closed loop on a new accent (transcribe, route, review, export, fine-tune, evaluate, gate): ~4.5 min on 2 cores.
 demo-loop: setup
 	.venv/bin/earmark demo loop --out build/loop
 
