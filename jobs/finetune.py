@@ -346,7 +346,7 @@ def train_worker(config: dict[str, Any]) -> None:
     prepare_model(model, settings, on_gpu=config["use_gpu"])
     if settings.anchor > 0:
         base_model = ASRModel.restore_from(str(base_local), map_location=device).float()
-        attach_anchor(model, base_model, settings.anchor)
+        attach_anchor(model, base_model, settings.anchor, at=settings.anchor_at)
     model.setup_training_data(
         OmegaConf.create(data_config(train + replay, model, settings, train=True, mix=config.get("mix"), replay=replay))
     )

@@ -11,8 +11,9 @@
    reference. Only routed clips are reviewed; nothing else sees a reference.
 5. **Export** NeMo manifests (corrections + trusted pseudo-labels; dev from reviewed clips).
 6. **Fine-tune** the demo model on Ray Train with the exported train manifest, unchanged, plus
-   the replay set (``--replay``); the dev manifests are the export's dev and the original set,
-   so the gate sees every language.
+   the replay set (``--replay``), whose clips are anchored to the base model's outputs
+   (``--anchor``); the dev manifests are the export's dev and the original set, so the gate sees
+   every language, each manifest apart.
 7. **Evaluate** parent and new model on the held-out accent clips and on the original set;
    **promote** through the registry's gate. ``loop-report.json`` and ``loop-report.html``
    (matplotlib) hold the figures.
@@ -52,12 +53,18 @@ class LoopSettings:
     train: TrainSettings = field(
         # auto prompts for 90 % of the clips, as the demo model was trained (its forced prompts
         # write every tag in the forced locale, which code-switched replay clips would contradict);
-        # the prediction network (the language model) stays frozen: an accent is acoustics.
-        # --anchor is off here: in one process it kept every original language 6-8 % better for
-        # a 26 % accent gain, but a loop run with it (two workers, the routed clips) still left
-        # original en-US 42 % worse, for a 27 % gain; without it the gain is 30-34 %.
+        # the prediction network (the language model) stays frozen: an accent is acoustics; the
+        # replay clips are anchored to the base's output distribution (without it the original
+        # languages got up to 49 % worse; see TrainSettings.anchor_at)
         default_factory=lambda: TrainSettings(
-            max_steps=150, lr=3e-4, steps_per_epoch=50, batch_seconds=45.0, unified_auto_ratio=0.9, freeze="decoder"
+            max_steps=150,
+            lr=3e-4,
+            steps_per_epoch=50,
+            batch_seconds=45.0,
+            unified_auto_ratio=0.9,
+            freeze="decoder",
+            anchor=10.0,
+            anchor_at="output",
         )
     )
     #: Share of the accent corrections in the training samples (the rest: replay).

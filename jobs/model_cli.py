@@ -65,6 +65,10 @@ def finetune(
             "--anchor", help="Hold the encoder's output on --replay clips to the base's (weight; 0 = off, e.g. 10)."
         ),
     ] = 0.0,
+    anchor_at: Annotated[
+        str,
+        typer.Option("--anchor-at", help="output (KL of the output distribution) | encoder (encoder output distance)."),
+    ] = "output",
     mix: Annotated[
         str | None,
         typer.Option(
@@ -92,6 +96,7 @@ def finetune(
             steps_per_epoch=steps_per_checkpoint,
             merge=merge,
             anchor=anchor,
+            anchor_at=anchor_at,
         )
         req = FinetuneRequest(
             train=list(train),
