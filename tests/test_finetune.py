@@ -157,10 +157,11 @@ def test_freezing_keeps_one_part_and_cpu_training_uses_the_vectorised_loss(freez
         TrainSettings(freeze="joint")
 
 
-def test_the_anchor_holds_replay_clips_to_the_base_and_leaves_the_others_free(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at", ["output", "encoder"])
+def test_the_anchor_holds_replay_clips_to_the_base_and_leaves_the_others_free(tmp_path: Path, at: str) -> None:
     """In-process, two steps: the replay clips are marked in every batch, the distance to the base
-    is exactly 0 before the first update (the base drew the same latency mode) and grows after it,
-    and the loss carries it."""
+    is 0 before the first update (the base drew the same latency mode; a different one gives
+    ~0.5) and grows after it."""
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
 
@@ -187,7 +188,7 @@ def test_the_anchor_holds_replay_clips_to_the_base_and_leaves_the_others_free(tm
     )  # fmt: skip
     model.set_trainer(trainer)
     prepare_model(model, settings, on_gpu=False)
-    attach_anchor(model, base, settings.anchor)
+    attach_anchor(model, base, settings.anchor, at=at)
     config = data_config([str(new), str(replay)], model, settings, train=True, mix=[0.5, 0.5], replay=[str(replay)])
     assert [bool(c.get("tags")) for c in config["input_cfg"]] == [False, True]
     model.setup_training_data(OmegaConf.create(config))
@@ -197,8 +198,8 @@ def test_the_anchor_holds_replay_clips_to_the_base_and_leaves_the_others_free(tm
 
     assert len(seen) == 2
     assert all(any(s["replay"]) for s in seen) and any(not all(s["replay"]) for s in seen)
-    assert seen[0]["anchor_distance"] == 0.0
-    assert seen[1]["anchor_distance"] > 0.0
+    assert abs(seen[0]["anchor_distance"]) < 1e-6  # float noise only
+    assert seen[1]["anchor_distance"] > 1e-5
     assert all(torch_equal(frozen[k], v) for k, v in model.joint.state_dict().items())  # the head stays
     assert not any(p.requires_grad for p in base.parameters())  # the base is never trained
 
