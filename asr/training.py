@@ -238,17 +238,18 @@ def attach_anchor(model: Any, base: Any, weight: float, *, at: str = "output") -
     ``base`` (the base model, restored a second time) runs on the replay clips of each batch;
     the loss gains ``weight`` x, at ``output``, the KL divergence of the trained model's output
     distribution from the base's, averaged over the valid (frame, token) points of the RNN-T
-    lattice; at ``encoder``, the mean squared distance of the encoder's output over valid frames. Call after ``prepare_model`` and before
-    ``setup_training_data`` (the training batches then carry which clips are replay)."""
+    lattice; at ``encoder``, the mean squared distance of the encoder's output over valid frames.
+    Call after ``prepare_model`` and before ``setup_training_data`` (the training batches then
+    carry which clips are replay)."""
     from nemo.collections.asr.data import audio_to_text_lhotse_prompt_index as prompt_data
     from nemo.collections.asr.models import rnnt_bpe_models_prompt as prompt_model
 
-    # Kept off the module tree (in a list): not trained, not saved, not synchronised by DDP.
-    teacher = [base.eval()]
+    # ``base`` stays off ``model``'s module tree: not trained, not saved, not synchronised by DDP.
+    base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
     seen: dict[str, Any] = {}
-    forward, training_step = model.forward, model.training_step
+    forward, joint_forward, training_step = model.forward, model.joint.forward, model.training_step
 
     class AnchoredPromptDataset(prompt_data.LhotseSpeechToTextBpeDatasetWithPromptIndex):
         """NeMo's prompt dataset plus a last tensor: which clips of the batch are replay."""
@@ -285,74 +286,56 @@ def attach_anchor(model: Any, base: Any, weight: float, *, at: str = "output") -
             seen["encoded"], seen["context"] = out, context
         return out
 
+    def remembering_joint(*args: Any, **kwargs: Any) -> Any:
+        out = joint_forward(*args, **kwargs)
+        if model.training and "joint" not in seen:  # the loss's call, not a decoding one
+            seen["joint"] = out
+        return out
+
     def anchored_step(batch: Any, batch_idx: int) -> Any:
         *batch, replay = batch
-        signal, signal_len, _, _, prompts = batch
+        seen.pop("joint", None)
         out = training_step(tuple(batch), batch_idx)
-        encoded, encoded_len = seen.pop("encoded")
+        (encoded, encoded_len), context, joint = seen.pop("encoded"), seen.pop("context"), seen.pop("joint", None)
         if not replay.any():
             return out
+        signal, signal_len, transcript, transcript_len, prompts = (x[replay] for x in batch)
+        lengths = encoded_len[replay]
         with torch.no_grad():
-            teacher[0].encoder.set_default_att_context_size(seen.pop("context"))
-            target, _ = teacher[0].forward(
-                input_signal=signal[replay], input_signal_length=signal_len[replay], prompt_indices=prompts[replay]
+            base.encoder.set_default_att_context_size(context)
+            target, _ = base.forward(input_signal=signal, input_signal_length=signal_len, prompt_indices=prompts)
+            if at == "output":
+                decoded, _, _ = base.decoder(targets=transcript, target_length=transcript_len)
+                target = base.joint(encoder_outputs=target, decoder_outputs=decoded).log_softmax(-1)
+        if at == "output":  # KL(base || model) at every (frame, token) point of the lattice
+            mine = joint[replay].log_softmax(-1)
+            distance = (target.exp() * (target - mine)).sum(-1)  # B x T x U+1
+            tokens = torch.arange(distance.shape[2], device=distance.device)
+            valid = _frames(lengths, distance.shape[1])[:, :, None] & (
+                tokens[None, None, :] <= transcript_len[:, None, None]
             )
-        student = encoded[replay]  # B x D x T
-        frames = torch.arange(student.shape[-1], device=student.device)[None, :] < encoded_len[replay][:, None]
-        distance = ((student - target) ** 2).mean(dim=1)  # per frame
-        penalty = (distance * frames).sum() / frames.sum().clamp(min=1)
+        else:  # squared distance of the encoder outputs (B x D x T), per frame
+            distance = ((encoded[replay] - target) ** 2).mean(dim=1)
+            valid = _frames(lengths, distance.shape[1])
+        penalty = (distance * valid).sum() / valid.sum().clamp(min=1)
         out["loss"] = out["loss"] + weight * penalty
         out["anchor_distance"] = penalty.detach()
         # per epoch, into the reported checkpoint metrics (and the card): how far replay moved
         model.log("train_anchor_distance", penalty.detach(), on_step=False, on_epoch=True, batch_size=int(replay.sum()))
         return out
 
-    joint_forward = model.joint.forward
-
-    def remembering_joint(*args: Any, **kwargs: Any) -> Any:
-        out = joint_forward(*args, **kwargs)
-        if model.training and "joint" not in seen:
-            seen["joint"] = out
-        return out
-
-    def output_step(batch: Any, batch_idx: int) -> Any:
-        *batch, replay = batch
-        signal, signal_len, transcript, transcript_len, prompts = batch
-        seen.pop("joint", None)
-        out = training_step(tuple(batch), batch_idx)
-        _, encoded_len = seen.pop("encoded")
-        student = seen.pop("joint")
-        if not replay.any():
-            return out
-        with torch.no_grad():
-            t = teacher[0]
-            t.encoder.set_default_att_context_size(seen.pop("context"))
-            enc, _ = t.forward(
-                input_signal=signal[replay], input_signal_length=signal_len[replay], prompt_indices=prompts[replay]
-            )
-            dec, _, _ = t.decoder(targets=transcript[replay], target_length=transcript_len[replay])
-            target = t.joint(encoder_outputs=enc, decoder_outputs=dec).log_softmax(-1)
-        mine = student[replay].log_softmax(-1)
-        kl = (target.exp() * (target - mine)).sum(-1)  # B x T x U+1
-        T, U = kl.shape[1], kl.shape[2]
-        valid = (torch.arange(T)[None, :, None] < encoded_len[replay][:, None, None]) & (
-            torch.arange(U)[None, None, :] <= transcript_len[replay][:, None, None]
-        )
-        penalty = (kl * valid).sum() / valid.sum().clamp(min=1)
-        out["loss"] = out["loss"] + weight * penalty
-        out["anchor_distance"] = penalty.detach()
-        model.log("train_anchor_distance", penalty.detach(), on_step=False, on_epoch=True, batch_size=int(replay.sum()))
-        return out
-
     model.forward = remembering_forward
     if at == "output":
         model.joint.forward = remembering_joint
-        model.training_step = output_step
-    else:
-        model.training_step = anchored_step
+    model.training_step = anchored_step
     model._setup_dataloader_from_config = _with_dataset(
         model._setup_dataloader_from_config, prompt_model, AnchoredPromptDataset
     )
+
+
+def _frames(lengths: torch.Tensor, frames: int) -> torch.Tensor:
+    """B x ``frames`` mask of the valid frames of each clip."""
+    return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def _with_dataset(setup: Any, module: Any, dataset_class: type) -> Any:

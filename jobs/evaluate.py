@@ -265,6 +265,18 @@ manifest {escape(str(metrics.get("manifest")))}; {metrics["clips_scored"]} clips
 </body></html>"""
 
 
+def score_parts(
+    labels: str, manifests: list[str], options: storage.StorageOptions | None = None
+) -> dict[str, dict[str, Any]]:
+    """Manifest -> :func:`score` of its clips within the labels of an evaluation of their union
+    (the labels are read once)."""
+    import pyarrow.dataset as pads
+
+    fs, root = storage.pyarrow_filesystem(labels, options)
+    rows = pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
+    return {m: score(rows, read_references(m, options)) for m in manifests}
+
+
 def run_evaluate(
     *, manifest: str, out: str, settings: Any, address: str | None = None, quiet: bool = False
 ) -> dict[str, Any]:

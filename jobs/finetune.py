@@ -111,10 +111,10 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
     metrics_parent = _evaluate(req, base_uri, dev, f"{evals}/dev-parent")
     metrics = {"dev": _slim(metrics_new), "parent_dev": _slim(metrics_parent)}
     if len(req.dev) > 1:  # each dev manifest is also gated on its own (see registry.gate_card)
-        metrics["dev_sets"] = {
-            uri: {"new": _rescore(metrics_new, uri, req.storage), "parent": _rescore(metrics_parent, uri, req.storage)}
-            for uri in req.dev
-        }
+        from jobs.evaluate import score_parts
+
+        new, old = (score_parts(m["labels"], req.dev, req.storage) for m in (metrics_new, metrics_parent))
+        metrics["dev_sets"] = {uri: {"new": new[uri]["languages"], "parent": old[uri]["languages"]} for uri in req.dev}
     refused = gate_card(metrics)
     local_model = storage.localize(model_uri, req.storage) if storage.is_remote(model_uri) else Path(model_uri)
     card = {
@@ -151,17 +151,6 @@ def _slim(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         k: metrics[k] for k in ("languages", "clips_scored", "clips_failed", "confidence", "model_id") if k in metrics
     }
-
-
-def _rescore(metrics: dict[str, Any], manifest: str, options: storage.StorageOptions) -> dict[str, Any]:
-    """The ``languages`` table of the clips of ``manifest`` within an evaluation of the combined dev."""
-    import pyarrow.dataset as pads
-
-    from jobs.evaluate import read_references, score
-
-    fs, root = storage.pyarrow_filesystem(metrics["labels"], options)
-    rows = pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
-    return score(rows, read_references(manifest, options))["languages"]
 
 
 def _resolve_base(base: str, registry: Registry) -> tuple[str, dict[str, Any]]:
