@@ -62,7 +62,7 @@ def finetune(
     anchor: Annotated[
         float,
         typer.Option(
-            "--anchor", help="Hold the encoder's output on --replay clips to the base's (weight; 0 = off, e.g. 10)."
+            "--anchor", help="Hold the model's outputs on --replay clips to the base's (weight; 0 = off, e.g. 10)."
         ),
     ] = 0.0,
     anchor_at: Annotated[
