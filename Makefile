@@ -15,7 +15,8 @@ demo-loop: setup
 test:
 	@scripts/setup.sh --test
 	scripts/postgres.sh
-	EARMARK_REQUIRE_POSTGRES=1 .venv/bin/python -m pytest -q tests
+	# the test process computes too (engine tests): it runs with earmark's allocator settings
+	env $$(.venv/bin/python -m cluster.runtime) EARMARK_REQUIRE_POSTGRES=1 .venv/bin/python -m pytest -q tests
 
 lint: setup
 	.venv/bin/ruff check asr cluster jobs labeling serve tests

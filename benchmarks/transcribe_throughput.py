@@ -15,6 +15,9 @@ starting Python, importing NeMo and loading the model, and every way decodes the
    actor pool, commit, summary), joining a Ray cluster started once beforehand on this machine
    (``ray start --head``; a cluster is up before jobs come, so its start-up is reported apart).
 
+All three run with earmark's allocator settings (``cluster.runtime.ALLOCATOR_ENV``; what they
+are worth alone: ``benchmarks/allocator.py``), so the ratios compare the pipelines.
+
 Throughput is the input's audio seconds (the same number for all three) per wall second of the
 whole process; printed: each run, the median of the repeats and its ratio to the engine loop.
 """
@@ -115,10 +118,15 @@ def main() -> None:
     if args.run:  # one timed way, in this fresh process
         (engine_loop if args.run == "engine" else nemo_transcribe)(args.manifest)
         return
+    from cluster.runtime import allocator_env
+
     env = os.environ | {
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "NEMO_LOGGING_LEVEL": "ERROR", "RAY_ADDRESS": "",
         "RAY_AUTH_MODE": "disabled",  # a throwaway cluster on loopback
     }  # fmt: skip
+    # every way, and the cluster, computes with earmark's allocator settings (cluster.runtime):
+    # the comparison is of the pipelines, not of glibc's defaults (benchmarks/allocator.py)
+    env |= allocator_env(env)
     ray_bin = str(Path(sys.executable).parent / "ray")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

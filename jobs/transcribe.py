@@ -177,7 +177,8 @@ def _process(
         batch_format="numpy",
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor or None,
-        scheduling_strategy="SPREAD",  # one model per node before two on one
+        # Ray Data places actors with SPREAD by default (one model per node before two on one);
+        # naming it here is deprecated in Ray 2.60
     )
     committer = ShardCommitter(req.out, options=settings.storage)
     total_items, total_audio = _totals(run, req.settings.storage)
