@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/allocator.py [--repeats 3] [--steps 6]
 
 Each repeat runs, in fresh processes, once with glibc's defaults and once with earmark's
-settings: (1) training steps of the demo model (forward, RNN-T loss, backward, AdamW) on
+settings: (1) training steps of the demo model (forward, earmark's CPU RNN-T loss, backward, AdamW) on
 batches of eight 5-second clips, one thread, as a fine-tuning worker on a 2-core machine runs;
 (2) the engine transcribing the bundled corpus's short clips. It prints wall time, time spent
 in the kernel and minor page faults per run, the medians and the ratio (default / earmark).
@@ -30,8 +30,10 @@ def train_steps(steps: int) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    from asr.training import TrainSettings, prepare_model
+
     model, _ = load_model("demo", device="cpu")
-    model.train()
+    prepare_model(model, TrainSettings(), on_gpu=False)  # train mode, earmark's CPU RNN-T loss
     batch, samples, tokens = 8, 16000 * 5, 20
     audio = torch.randn(batch, samples) * 0.1
     audio_len = torch.full((batch,), samples)

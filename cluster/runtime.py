@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 #: pass faults its working set in again, zeroed page by page: measured on this 2-core VM, a
 #: quarter to a half of a training step went to the kernel (76k page faults a second per worker).
 #: Keeping freed memory in the process (as PyTorch's CUDA caching allocator does on the GPU) made
-#: a CPU training step 2.2x faster (7.6 s -> 3.3 s, page faults 1.0M -> 19k for six steps of the
-#: demo model). The cost: a process keeps its peak memory until it exits. Both are needed: with
-#: only one of the two, or with ``mallopt`` at run time (capped at 32 MB), most faults remain.
+#: CPU training steps of the demo model 2.2x faster (7.9 s -> 3.6 s and 1.0M -> 16k page faults for
+#: six steps) and transcription 1.2-1.7x (``benchmarks/allocator.py``, medians of 3). The cost: a
+#: process keeps its peak memory until it exits. Both are needed: with only one of the two, or with
+#: ``mallopt`` at run time (capped at 32 MB), most faults remain.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 

@@ -2,11 +2,12 @@
 route -> simulated review of the routed clips only -> export -> fine-tune on Ray Train (two
 workers) -> evaluate -> gate. The figures are written to the run's report and checked here.
 
-What is asserted is what the loop achieves on this machine (measured: held-out accent WER
-36 % -> 24 %, 34 % lower, with 25 % of the clips reviewed; with the output anchor, de-DE, es-ES
-and fr-FR stay within 8 % but original en-US gets ~30 % worse). Not every original language holds
-within 10 % yet (see the report's ``original`` table), so this test checks that the gate decides
-from its figures (each dev manifest apart), not that every language holds.
+What is asserted is what the loop achieves on this machine (measured over runs: held-out accent
+WER 36 % -> 24-25 %, 30-34 % lower, with 25 % of the clips reviewed; with the output anchor,
+de-DE, es-ES and fr-FR stay within 8 % but original en-US gets 33-42 % worse, varying from run to
+run). Not every original language holds within 10 % yet (see the report's ``original`` table), so
+this test checks that the gate decides from its figures (each dev manifest apart), not that every
+language holds.
 """
 
 from __future__ import annotations
