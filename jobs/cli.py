@@ -400,8 +400,7 @@ from jobs.model_cli import register as _register_model_commands  # noqa: E402
 
 _register_model_commands(app)
 
-if __name__ == "__main__":  # pragma: no cover
-    from cluster.runtime import restart_with_allocator_env
+if __name__ == "__main__":  # pragma: no cover - `python -m jobs.cli` is the `earmark` executable too
+    from jobs.__main__ import main
 
-    restart_with_allocator_env()
-    sys.exit(app())
+    main()
