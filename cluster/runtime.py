@@ -22,9 +22,17 @@ log = logging.getLogger(__name__)
 #: Keeping freed memory in the process (as PyTorch's CUDA caching allocator does on the GPU) made
 #: CPU training steps of the demo model 2.2x faster (7.9 s -> 3.6 s and 1.0M -> 16k page faults for
 #: six steps) and transcription 1.2-1.7x (``benchmarks/allocator.py``, medians of 3). The cost: a
-#: process keeps its peak memory until it exits. Both are needed: with only one of the two, or with
-#: ``mallopt`` at run time (capped at 32 MB), most faults remain.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+#: process keeps its peak memory until it exits. Both thresholds are needed: with only one of the
+#: two, or with ``mallopt`` at run time (capped at 32 MB), most faults remain. One arena: the two
+#: thresholds rule only glibc's main arena, and threads other than the main one allocate from
+#: arenas of 64 MB heaps that map anything bigger afresh; Ray Data and Ray Train run the model in
+#: such threads (in a Ray actor, the benchmark's segments: 170k page faults and 3.5 s, 0 and
+#: 2.1 s with one arena). The compute threads of one process rarely allocate at once.
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+    "MALLOC_ARENA_MAX": "1",
+}
 
 
 def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:

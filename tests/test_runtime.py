@@ -13,7 +13,7 @@ import pytest
 from cluster.runtime import ALLOCATOR_ENV, allocator_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOW = "import os; print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TRIM_THRESHOLD_'))"
+SHOW = f"import os; print(*(os.environ.get(k) for k in {list(ALLOCATOR_ENV)!r}))"
 
 
 def _bare_env(**extra: str) -> dict[str, str]:
@@ -36,9 +36,9 @@ def test_the_allocator_settings_are_the_users_own_where_set() -> None:
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ({}, f"{ALLOCATOR_ENV['MALLOC_MMAP_THRESHOLD_']} {ALLOCATOR_ENV['MALLOC_TRIM_THRESHOLD_']}"),
-        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "65536 None"),  # the user's choice, nothing added
-        ({"EARMARK_MALLOC": "system"}, "None None"),
+        ({}, " ".join(ALLOCATOR_ENV.values())),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "65536 None None"),  # the user's choice, nothing added
+        ({"EARMARK_MALLOC": "system"}, "None None None"),
     ],
 )
 def test_an_entry_point_restarts_itself_with_the_allocator_settings(extra: dict[str, str], expected: str) -> None:
@@ -63,7 +63,7 @@ def test_the_earmark_command_runs_with_the_allocator_settings(tmp_path: Path) ->
 def test_embedded_ray_workers_inherit_the_allocator_settings() -> None:
     code = (
         "import os, ray; from cluster.runtime import connect; connect(num_cpus=1);"
-        "show = ray.remote(lambda: (os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TRIM_THRESHOLD_')));"
+        f"show = ray.remote(lambda: [os.environ.get(k) for k in {list(ALLOCATOR_ENV)!r}]);"
         "print(*ray.get(show.remote())); ray.shutdown()"
     )
     assert _run(code, _bare_env(RAY_ADDRESS="")) == " ".join(ALLOCATOR_ENV.values())
