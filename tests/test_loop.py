@@ -2,12 +2,11 @@
 route -> simulated review of the routed clips only -> export -> fine-tune on Ray Train (two
 workers) -> evaluate -> gate. The figures are written to the run's report and checked here.
 
-What is asserted is what the loop achieves on this machine (measured over runs: held-out accent
-WER 36 % -> 24-25 %, 30-34 % lower, with 25 % of the clips reviewed; with the output anchor,
-de-DE, es-ES and fr-FR stay within 8 % but original en-US gets 33-42 % worse, varying from run to
-run). Not every original language holds within 10 % yet (see the report's ``original`` table), so
-this test checks that the gate decides from its figures (each dev manifest apart), not that every
-language holds.
+What is asserted is what the loop achieves on this machine: with 640 accent clips of which 160
+(25 %) are reviewed, held-out accent WER 36 % -> 21-23 % (36-42 % lower, five runs). Not every
+original language holds within 10 % yet: de-DE and fr-FR stay within 2 %, but original en-US gets
+14-25 % worse and es-ES up to 13 % (see the report's ``original`` table), so this test checks that
+the gate decides from its figures (each dev manifest apart), not that every language holds.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ def test_the_loop_improves_the_new_accent_and_the_gate_decides_from_its_figures(
 
     accent = report["accent"]
     assert accent["wer_before"] > 0.25, "the accent must be new to the demo model"
-    assert accent["relative_reduction"] >= 0.20, accent
+    assert accent["relative_reduction"] >= 0.30, accent
     review = report["review"]
     assert 0 < review["reviewed"] and review["share"] <= 0.25
     assert set(report["original"]) >= {"de-DE", "en-US", "es-ES", "fr-FR", "all"}
