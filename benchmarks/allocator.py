@@ -27,11 +27,10 @@ def train_steps(steps: int) -> None:
     import torch
 
     from asr.model import load_model
+    from asr.training import TrainSettings, prepare_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    from asr.training import TrainSettings, prepare_model
-
     model, _ = load_model("demo", device="cpu")
     prepare_model(model, TrainSettings(), on_gpu=False)  # train mode, earmark's CPU RNN-T loss
     batch, samples, tokens = 8, 16000 * 5, 20

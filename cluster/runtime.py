@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 #: two, or with ``mallopt`` at run time (capped at 32 MB), most faults remain. One arena: the two
 #: thresholds rule only glibc's main arena, and threads other than the main one allocate from
 #: arenas of 64 MB heaps that map anything bigger afresh; Ray Data and Ray Train run the model in
-#: such threads (in a Ray actor, the benchmark's segments: 170k page faults and 3.5 s, 0 and
-#: 2.1 s with one arena). The compute threads of one process rarely allocate at once.
+#: such threads (the transcription actor's thread on the throughput benchmark's segments: 185k page
+#: faults and 2.3 s, with one arena 0 and 2.1 s). The compute threads of one process rarely
+#: allocate at once.
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
     "MALLOC_TRIM_THRESHOLD_": str(4 << 30),

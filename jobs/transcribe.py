@@ -209,8 +209,8 @@ class _TranscribeActor:
 
     The model loads and computes on one thread of the actor's own. Ray Data constructs the actor
     on the worker's main thread but calls it from a thread of its own, and torch's CPU compute ran
-    about half as fast on a thread other than the one that loaded the model (each thread gets an
-    OpenMP team of its own; the time went to the kernel, without page faults). Measured on the
+    about half as fast on a thread other than the one that loaded the model (the extra time went
+    to the kernel, without page faults; busy-waiting OpenMP threads made it worse). Measured on the
     benchmark's 297 segments in a Ray actor on 2 cores: 4.3-5.0 s split across two threads, 2.1-2.3 s
     on one.
     """
