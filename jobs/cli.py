@@ -362,6 +362,16 @@ def demo_loop(
     ),
     steps: Annotated[int, typer.Option("--max-steps", help="Fine-tuning steps.")] = 150,
     workers: Annotated[int, typer.Option("--workers", help="Ray Train workers.")] = 2,
+    voice: Annotated[
+        str | None, typer.Option("--voice", help="espeak-ng voice of the accent set, e.g. en-gb-x-rp (British).")
+    ] = None,
+    variants: Annotated[
+        str | None, typer.Option("--variants", help="espeak-ng voice variants of the accent set, e.g. m6,m8,f5.")
+    ] = None,
+    speed: Annotated[
+        str | None,
+        typer.Option("--speed", help="Words per minute of the accent set, MIN,MAX (the demo learned 135,190)."),
+    ] = None,
 ) -> None:
     """The closed loop on a new accent: transcribe, route, review (simulated), export, fine-tune,
     evaluate, promote; prints before/after WER and writes loop-report.json/.html."""
@@ -372,6 +382,18 @@ def demo_loop(
 
     settings = LoopSettings(workers=workers)
     settings.train = replace(settings.train, max_steps=steps)
+    if voice:
+        settings.voice = voice
+    if variants:
+        settings.variants = tuple(v.strip() for v in variants.split(",") if v.strip())
+    if speed:
+        try:
+            low, high = (int(v) for v in speed.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"{speed!r}: write it as MIN,MAX words per minute, e.g. 135,190") from None
+        if not 0 < low <= high:
+            raise typer.BadParameter(f"{speed!r}: MIN must be positive and at most MAX, e.g. 135,190")
+        settings.speed = (low, high)
     try:
         with results_stay_on_stdout():
             report = run_loop(out.resolve(), settings, say=lambda m: typer.echo(m, err=True))

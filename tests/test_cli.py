@@ -89,3 +89,13 @@ def test_model_and_audio_straight_from_s3(s3_server, s3_bucket, corpus, tmp_path
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["model_id"].startswith("model@")
+
+
+def test_demo_loop_refuses_an_accent_espeak_cannot_speak_before_it_starts(tmp_path):
+    voice = run("demo", "loop", "--out", str(tmp_path / "a"), "--voice", "xx-nowhere")
+    assert voice.returncode == 2 and "no voice 'xx-nowhere'" in voice.stderr and "Traceback" not in voice.stderr
+    variant = run("demo", "loop", "--out", str(tmp_path / "b"), "--variants", "m6,nobody")
+    assert variant.returncode == 2 and "no voice variant 'nobody'" in variant.stderr
+    speed = run("demo", "loop", "--out", str(tmp_path / "c"), "--speed", "190,135")
+    assert speed.returncode == 2 and "MAX" in speed.stderr and "Traceback" not in speed.stderr
+    assert not any((tmp_path / name / "data").exists() for name in "abc")

@@ -2,11 +2,9 @@
 route -> simulated review of the routed clips only -> export -> fine-tune on Ray Train (two
 workers) -> evaluate -> gate. The figures are written to the run's report and checked here.
 
-What is asserted is what the loop achieves on this machine: with 640 accent clips of which 160
-(25 %) are reviewed, held-out accent WER 36 % -> 21-23 % (36-42 % lower, five runs). Not every
-original language holds within 10 % yet: de-DE and fr-FR stay within 2 %, but original en-US gets
-14-25 % worse and es-ES up to 13 % (see the report's ``original`` table), so this test checks that
-the gate decides from its figures (each dev manifest apart), not that every language holds.
+The issue's line, asserted as it stands: held-out accent WER at least 30 % lower with at most 25 %
+of the accent clips reviewed, and no original language worse by more than 10 % relative (on 500
+original clips a language, about 3000 words: 200 clips were too few to tell 10 % from noise).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from jobs.registry import gate_card
 pytestmark = pytest.mark.slow
 
 
-def test_the_loop_improves_the_new_accent_and_the_gate_decides_from_its_figures(tmp_path: Path) -> None:
+def test_the_loop_improves_the_new_accent_keeps_the_original_languages_and_promotes(tmp_path: Path) -> None:
     from jobs.loop import LoopSettings, run_loop
 
     out = tmp_path / "loop"
@@ -35,21 +33,18 @@ def test_the_loop_improves_the_new_accent_and_the_gate_decides_from_its_figures(
     assert 0 < review["reviewed"] and review["share"] <= 0.25
     assert set(report["original"]) >= {"de-DE", "en-US", "es-ES", "fr-FR", "all"}
     assert all(v["before"] is not None and v["after"] is not None for v in report["original"].values())
+    worse = {lang: v["relative_change"] for lang, v in report["original"].items() if v["relative_change"] > 0.10}
+    assert not worse, f"original languages more than 10 % worse: {worse}; the report: {report['original']}"
 
     model = report["model"]
     assert model["workers"] == 2 and model["steps"] == 150
     card = json.loads((out / "registry" / "accent" / model["version"] / "card.json").read_text())
-    # the gate's verdict follows from the card's own dev figures, and promotion follows the gate
-    # (the export's dev and the original set are also gated apart: their en-US must not pool)
+    # the gate decides from the card's own dev figures (the export's dev and the original set
+    # each apart too: their en-US must not pool), and this model passes it and is promoted
     assert len(card["metrics"]["dev_sets"]) == 2
-    refused = gate_card(card["metrics"])
-    assert card["gate"] == {"passed": not refused, "reasons": refused}
-    if refused:
-        assert "refused" in model["promotion"]
-        assert not (out / "registry" / "accent" / "promoted.json").exists()
-    else:
-        assert model["promotion"]["forced"] is False
-        assert json.loads((out / "registry" / "accent" / "promoted.json").read_text())["version"] == model["version"]
+    assert gate_card(card["metrics"]) == [] and card["gate"] == {"passed": True, "reasons": []}, card["gate"]
+    assert model["promotion"]["forced"] is False
+    assert json.loads((out / "registry" / "accent" / "promoted.json").read_text())["version"] == model["version"]
 
     # the figures are in the run's report
     saved = json.loads((out / "loop-report.json").read_text())

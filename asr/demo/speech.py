@@ -97,6 +97,25 @@ def _espeak_binary() -> str:
     return path
 
 
+def check_voice(voice: str, variants: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` unless espeak-ng has ``voice`` and every one of ``variants`` (it would
+    otherwise fail on the first clip, or fall back to its default variant without a word)."""
+
+    def listed(*flags: str) -> set[str]:
+        out = subprocess.run([_espeak_binary(), *flags], capture_output=True, text=True, check=True).stdout
+        rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
+        return {r[1] for r in rows if len(r) > 1} | {r[4].rsplit("/", 1)[-1] for r in rows if len(r) > 4}
+
+    if voice not in listed("--voices"):
+        raise ValueError(f"espeak-ng has no voice {voice!r}; `espeak-ng --voices` lists them (e.g. en-us, en-gb-x-rp)")
+    unknown = sorted(set(variants) - listed("--voices=variant"))
+    if unknown:
+        raise ValueError(
+            f"espeak-ng has no voice variant {', '.join(map(repr, unknown))}; "
+            "`espeak-ng --voices=variant` lists them (e.g. m1, f5)"
+        )
+
+
 @functools.cache
 def load_words(locale: str) -> tuple[str, ...]:
     """The demo vocabulary of a locale: frequent words, acoustically distinct under espeak-ng."""
