@@ -378,7 +378,7 @@ def demo_loop(
     from dataclasses import replace
 
     from jobs.finetune import FinetuneError
-    from jobs.loop import LoopSettings, run_loop
+    from jobs.loop import LoopSettings, accent_name, run_loop
 
     settings = LoopSettings(workers=workers)
     settings.train = replace(settings.train, max_steps=steps)
@@ -401,7 +401,7 @@ def demo_loop(
         fail(str(exc))
     acc = report["accent"]
     typer.echo(
-        f"accent ({acc['voice']}): WER {100 * acc['wer_before']:.1f} % -> {100 * acc['wer_after']:.1f} % "
+        f"accent ({accent_name(acc)}): WER {100 * acc['wer_before']:.1f} % -> {100 * acc['wer_after']:.1f} % "
         f"({100 * acc['relative_reduction']:.0f} % lower), {100 * report['review']['share']:.0f} % of clips reviewed"
     )
     for lang, v in report["original"].items():

@@ -107,16 +107,16 @@ def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[
     # 1. data
     speech.check_voice(settings.voice, settings.variants)
     data = out / "data"
-    sets = {
-        "pool": (accent.accent_utterances, accent.ACCENT_SEED, settings.pool, True),
-        "heldout": (accent.accent_utterances, accent.HELDOUT_SEED, settings.heldout, True),
-        "original": (accent.original_utterances, accent.ORIGINAL_SEED, settings.original, False),
-        "replay": (accent.original_utterances, accent.REPLAY_SEED, settings.replay, False),
+    sets = {  # name: (seed, clips, accent or original)
+        "pool": (accent.ACCENT_SEED, settings.pool, True),
+        "heldout": (accent.HELDOUT_SEED, settings.heldout, True),
+        "original": (accent.ORIGINAL_SEED, settings.original, False),
+        "replay": (accent.REPLAY_SEED, settings.replay, False),
     }
     manifests = {}
-    for name, (make, seed, count, is_accent) in sets.items():
+    for name, (seed, count, is_accent) in sets.items():
         folder, manifest = data / name, data / name / "manifest.jsonl"
-        recipe = {"seed": seed, "count": count}
+        recipe: dict[str, Any] = {"seed": seed, "count": count}
         if is_accent:
             recipe |= {"voice": settings.voice, "speed": list(settings.speed), "variants": list(settings.variants)}
         made = folder / "recipe.json"
@@ -124,9 +124,11 @@ def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[
         if not manifest.exists() or not made.exists() or json.loads(made.read_text()) != recipe:
             shutil.rmtree(folder, ignore_errors=True)
             if is_accent:
-                utts = make(seed, count, voice=settings.voice, speed=settings.speed, variants=settings.variants)
+                utts = accent.accent_utterances(
+                    seed, count, voice=settings.voice, speed=settings.speed, variants=settings.variants
+                )
             else:
-                utts = make(seed, count)
+                utts = accent.original_utterances(seed, count)
             accent.write_set(utts, folder)
             made.write_text(json.dumps(recipe))
         manifests[name] = manifest
@@ -313,6 +315,12 @@ def _pseudo_label_wer(train_manifest: Path, refs: dict[str, dict[str, Any]]) -> 
     return {"clips": len(truths), "wer": wer}
 
 
+def accent_name(acc: dict[str, Any]) -> str:
+    """espeak-ng voice+variants at MIN-MAX wpm, as in the report's ``accent``."""
+    low, high = acc["speed_wpm"]
+    return f"espeak-ng {acc['voice']}+{','.join(acc['variants'])}, {low}-{high} wpm"
+
+
 def html_report(report: dict[str, Any]) -> str:
     """Before/after bars (matplotlib, embedded PNG) and the figures as tables."""
     import matplotlib
@@ -351,7 +359,7 @@ def html_report(report: dict[str, Any]) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>earmark loop report</title>
 <style>body{{font:15px system-ui,sans-serif;max-width:900px;margin:2rem auto}}td,th{{border:1px solid #ccc;padding:.2rem .6rem}}
 table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>
-<h1>The loop on a new accent ({escape(acc["voice"])})</h1>
+<h1>The loop on a new accent ({escape(accent_name(acc))})</h1>
 <p>Held-out accent WER {pct(acc["wer_before"])} &rarr; {pct(acc["wer_after"])}
 (relative reduction {pct(acc["relative_reduction"])}); {report["review"]["reviewed"]} of {acc["clips"]} accent clips
 reviewed ({pct(report["review"]["share"])}). Model {escape(model["version"])} trained {model["steps"]} steps in

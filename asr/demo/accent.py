@@ -8,7 +8,7 @@
   letter-to-sound rules) and ``speed`` (the demo heard 135-190 words per minute; 230-290 gives
   47 % WER). A voice that says the same words with other vowels under the same ``<en-US>`` tag
   collides with the original en-US in a model as small as the demo's: British RP (38 % WER)
-  was learned (36 % lower) only with original en-US 13-21 % worse on 500 fresh clips, whatever
+  was learned (36 % lower) only with original en-US 13-21 % worse (21 % on 500 fresh clips), whatever
   the anchor, merge or replay share; new voices of the same accent leave it as it was;
 * the **original set**: clips like the demo model's training set (four locales, code-switching),
   for checking that no original language gets worse;
