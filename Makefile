@@ -24,8 +24,8 @@ lint: setup
 
 # Rebuild the bundled demo model from scratch (about 1 h on 2 CPU cores; keep the machine otherwise idle).
 demo-model: setup
-	.venv/bin/python -m asr.demo.train --work build/demo-model --train 12000 --minutes 60 --max-steps 4500 --vocab 256 --lr 3e-3 --eval-every 300
-	.venv/bin/python -m asr.demo.card --model build/demo-model/best.nemo --install --train-log build/demo-model/evals.jsonl
+	.venv/bin/python -m demo.train --work build/demo-model --train 12000 --minutes 60 --max-steps 4500 --vocab 256 --lr 3e-3 --eval-every 300
+	.venv/bin/python -m demo.card --model build/demo-model/best.nemo --install --train-log build/demo-model/evals.jsonl
 
 bench: setup
 	.venv/bin/python benchmarks/streaming_cost.py

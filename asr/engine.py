@@ -13,28 +13,22 @@ and the RNN-T greedy decoder, never NeMo's file-path ``transcribe()`` (which ign
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from asr.model import AUTO, ModelInfo, load_model
+from asr.loaded import LoadedModel
+from asr.model import AUTO
 from asr.results import Transcript
-from asr.tokens import build_transcript
+from asr.tokens import as_list, blank_confidence, build_transcript
 
 if TYPE_CHECKING:
     from asr.streaming import StreamingSession
 
 log = logging.getLogger(__name__)
 
-#: Token confidence: Tsallis entropy (alpha = 1/3) with exponential normalisation, the
-#: entropy-based measure that separated correct from wrong RNN-T words best in NeMo's
-#: confidence study (Laptev & Ginsburg, 2022); blanks are excluded, so a token's confidence is
-#: that of the frame that emitted it.
-CONFIDENCE_METHOD = {"name": "entropy", "entropy_type": "tsallis", "alpha": 0.33, "entropy_norm": "exp"}
 #: Shortest audio the encoder accepts: shorter clips are padded with silence.
 MIN_SAMPLES = 1_600
 
@@ -56,73 +50,9 @@ class TranscribeOptions:
     max_batch_size: int = 64
 
 
-class Transcriber:
-    """One loaded model and the verbs that use it. Not thread-safe: one per actor/worker."""
-
-    def __init__(self, model: Any, info: ModelInfo, *, device: str = "cpu") -> None:
-        self.model = model
-        self.info = info
-        self.device = device
-        self._lock = threading.Lock()
-        self._configure_decoding()
-
-    @classmethod
-    def load(cls, spec: str | os.PathLike[str] = "demo", *, device: str | None = None) -> Transcriber:
-        """Load ``demo``, a local ``.nemo`` path or a hub name; CUDA when available unless told."""
-        import torch
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, info = load_model(spec, device=device)
-        return cls(model, info, device=device)
-
-    @property
-    def model_id(self) -> str:
-        return self.info.model_id
-
-    def _configure_decoding(self) -> None:
-        from omegaconf import open_dict
-
-        cfg = self.model.cfg.decoding
-        with open_dict(cfg):
-            cfg.strategy = "greedy_batch"
-            cfg.compute_timestamps = False  # words are timed from token frames in asr.tokens
-            cfg.strip_lang_tags = False  # tags are parsed in asr.text; stripping misaligns confidences
-            cfg.confidence_cfg = {
-                "preserve_frame_confidence": True,
-                "preserve_token_confidence": True,
-                "preserve_word_confidence": False,
-                "exclude_blank": True,
-                "aggregation": "min",
-                "method_cfg": dict(CONFIDENCE_METHOD),
-            }
-        self.model.change_decoding_strategy(cfg, verbose=False)
-
-    # -- latency modes -------------------------------------------------------------------
-
-    def resolve_att_context(self, att_context: Sequence[int] | None) -> tuple[int, int]:
-        if att_context is None:
-            return self.info.default_att_context
-        wanted = (int(att_context[0]), int(att_context[1]))
-        if wanted not in self.info.att_context_sizes:
-            modes = ", ".join(f"{a},{b}" for a, b in self.info.att_context_sizes)
-            raise ValueError(
-                f"att_context {wanted[0]},{wanted[1]} is not a mode of {self.info.name}; use one of {modes}"
-            )
-        return wanted
-
-    def set_att_context(self, att_context: Sequence[int] | None) -> tuple[int, int]:
-        resolved = self.resolve_att_context(att_context)
-        if tuple(self.model.encoder.att_context_size) != resolved:
-            self.model.encoder.set_default_att_context_size(list(resolved))
-        return resolved
-
-    def prompt_indices(self, langs: Sequence[str]) -> list[int]:
-        if not self.info.uses_prompts:
-            bad = [lang for lang in langs if lang != AUTO]
-            if bad:
-                raise ValueError(f"{self.info.name} takes no language prompt; use lang 'auto' (got {bad[0]!r})")
-            return [0] * len(langs)
-        return [self.info.prompt_index(lang) for lang in langs]
+class Transcriber(LoadedModel):
+    """One loaded model and the verbs that use it (:meth:`transcribe`, :meth:`stream`).
+    Not thread-safe: one per actor/worker."""
 
     # -- offline -------------------------------------------------------------------------
 
@@ -148,10 +78,9 @@ class Transcriber:
         if len(langs) != len(audios):
             raise ValueError(f"got {len(audios)} clips but {len(langs)} languages; pass one language per clip")
         indices = self.prompt_indices(langs)
-        requested = [self.info.canonical_lang(lang) if self.info.uses_prompts else AUTO for lang in langs]
+        requested = [self.requested_lang(lang) for lang in langs]
         results: list[Transcript | None] = [None] * len(audios)
-        with self._lock:
-            att = self.set_att_context(options.att_context)
+        with self.running(options.att_context) as att:
             for batch in pack_by_length(
                 [len(a) for a in audios], self.batch_seconds(options) * self.info.sample_rate, options.max_batch_size
             ):
@@ -222,7 +151,7 @@ class Transcriber:
             duration_s=duration_s,
             model_id=self.info.model_id,
             att_context=att,
-            empty_confidence=_blank_confidence(hyp),
+            empty_confidence=blank_confidence(hyp),
         )
 
     # -- streaming -----------------------------------------------------------------------
@@ -248,21 +177,3 @@ def pack_by_length(lengths: Sequence[int], budget_samples: float, max_batch: int
     if current:
         batches.append(current)
     return batches
-
-
-def as_list(values: Any) -> list:
-    if values is None:
-        return []
-    if hasattr(values, "tolist"):
-        return list(values.tolist())
-    return [v.item() if hasattr(v, "item") else v for v in values]
-
-
-def _blank_confidence(hyp: Any) -> float:
-    frames = getattr(hyp, "frame_confidence", None) or []
-    values = [
-        float(f[0]) if isinstance(f, list | tuple) else float(f)
-        for f in frames
-        if f is not None and (not isinstance(f, list | tuple) or f)
-    ]
-    return round(sum(values) / len(values), 4) if values else 1.0

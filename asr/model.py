@@ -1,7 +1,9 @@
-"""Loading NeMo ASR checkpoints: the bundled demo model, a local ``.nemo`` or a hub name.
+"""Loading NeMo ASR checkpoints: a bundled model by name, a local ``.nemo`` or a hub name.
 
 The engine only sees local paths: ``s3://`` checkpoints are fetched into a cache by
-``cluster.storage.localize`` before they get here.
+``cluster.storage.localize`` before they get here. Bundled models (``demo``: the small model of
+earmark's demo kit) are found through the ``earmark.checkpoints`` entry points, so the engine
+does not depend on the packages that bundle them.
 
 >>> model, info = load_model("demo")            # doctest: +SKIP
 >>> info.model_id, info.locales[:3]             # doctest: +SKIP
@@ -20,13 +22,31 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_PATH = Path(__file__).parent / "demo" / "demo-model.nemo"
 #: Prompt keys that are not a locale of their own.
 AUTO = "auto"
+#: Entry-point group of bundled checkpoints: ``NAME = "package.module:BUNDLED"``, a :class:`BundledCheckpoint`.
+CHECKPOINT_GROUP = "earmark.checkpoints"
 
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class BundledCheckpoint:
+    """A checkpoint shipped inside an installed package, loadable by a short name (``demo``)."""
+
+    #: The model's name in model ids (``earmark-demo``).
+    name: str
+    path: Path
+
+
+@functools.cache
+def bundled_checkpoints() -> dict[str, BundledCheckpoint]:
+    """Short name -> bundled checkpoint, from the installed packages' ``earmark.checkpoints`` entry points."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group=CHECKPOINT_GROUP)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,22 +112,26 @@ def model_id_of_file(path: Path, name: str | None = None) -> str:
 
 
 def checkpoint_name(path: Path) -> str:
-    """``earmark-demo`` for the bundled model, ``NAME-VERSION`` for a registry's
+    """``earmark-demo`` for the bundled demo model, ``NAME-VERSION`` for a registry's
     ``NAME/VERSION/model.nemo``, else the file's stem."""
-    if path == DEMO_MODEL_PATH:
-        return "earmark-demo"
+    for bundled in bundled_checkpoints().values():
+        if path == bundled.path:
+            return bundled.name
     if path.name == "model.nemo" and path.parent.name.startswith("v") and path.parent.name[1:].isdigit():
         return f"{path.parent.parent.name}-{path.parent.name}"
     return path.stem
 
 
 def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path | str:
-    """``demo`` -> the bundled file; an existing path -> itself; ``org/name`` -> the hub name."""
+    """``demo`` (a bundled name) -> its file; an existing path -> itself; ``org/name`` -> the hub name."""
     text = os.fspath(spec)
+    bundled = bundled_checkpoints().get(text) if "/" not in text and not text.endswith(".nemo") else None
+    if bundled is not None:
+        if not bundled.path.exists():
+            raise ModelLoadError(f"the bundled model {text!r} is missing at {bundled.path}; reinstall earmark")
+        return bundled.path
     if text == "demo":
-        if not DEMO_MODEL_PATH.exists():
-            raise ModelLoadError(f"the bundled demo model is missing at {DEMO_MODEL_PATH}; reinstall earmark")
-        return DEMO_MODEL_PATH
+        raise ModelLoadError("no bundled model named 'demo' is installed; install earmark (pip install -e .)")
     if "://" in text:
         raise ModelLoadError(
             f"{text}: the engine loads local files only; fetch it with cluster.storage.localize() first "

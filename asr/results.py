@@ -3,7 +3,9 @@
 A :class:`Transcript` is one clip's result. Its ``words`` and ``sentences`` carry times in
 seconds from the start of the audio that was passed in, confidences in [0, 1], and the language
 the model wrote for each sentence. Language tags never appear in ``text`` or ``words``; they live
-in ``text_raw`` (exactly what the model wrote) and in each sentence's ``lang``.
+in ``text_raw`` (exactly what the model wrote) and in each sentence's ``lang``. Words and
+sentences are the records of the pseudo-label table (:mod:`records.pseudo_labels`): a transcript
+becomes a row without any field being copied by hand.
 """
 
 from __future__ import annotations
@@ -12,25 +14,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from records.pseudo_labels import Sentence, Word
 
-@dataclass(frozen=True, slots=True)
-class Word:
-    word: str
-    start_s: float
-    end_s: float
-    confidence: float
-
-
-@dataclass(frozen=True, slots=True)
-class Sentence:
-    text: str
-    #: The locale the model tagged this sentence with (``None`` when it wrote no tag).
-    lang: str | None
-    start_s: float
-    end_s: float
-    confidence: float
-    #: The model's confidence in the language tag token itself.
-    lang_confidence: float | None = None
+__all__ = ["Sentence", "Transcript", "Word", "detected_language"]
 
 
 @dataclass(frozen=True, slots=True)

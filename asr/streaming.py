@@ -29,18 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from asr.engine import as_list
+from asr.loaded import LoadedModel
 from asr.model import AUTO
 from asr.results import Transcript
-from asr.text import strip_tags
-from asr.tokens import build_transcript
-
-if TYPE_CHECKING:
-    from asr.engine import Transcriber
+from asr.tokens import as_list, build_transcript
+from records.text import strip_tags
 
 HOP = 160
 WIN_HALF = 256  # n_fft // 2: a centred STFT frame j reads samples [j*HOP - 256, j*HOP + 256)
@@ -58,7 +55,7 @@ class StreamUpdate:
 class StreamingSession:
     """One live stream. Not thread-safe; feed it from one task at a time."""
 
-    def __init__(self, engine: Transcriber, *, lang: str = AUTO, att_context: Sequence[int] | None = None) -> None:
+    def __init__(self, engine: LoadedModel, *, lang: str = AUTO, att_context: Sequence[int] | None = None) -> None:
         import torch
 
         self.engine = engine
@@ -66,10 +63,9 @@ class StreamingSession:
         if not hasattr(model.encoder, "cache_aware_stream_step"):
             raise ValueError(f"{engine.info.name} has no cache-aware streaming encoder")
         self.att_context = engine.resolve_att_context(att_context)
-        self.lang = engine.info.canonical_lang(lang) if engine.info.uses_prompts else AUTO
+        self.lang = engine.requested_lang(lang)
         self.prompt = engine.prompt_indices([lang])[0]
-        with engine._lock:
-            engine.set_att_context(self.att_context)
+        with engine.running(self.att_context):
             self.cfg = model.encoder.streaming_cfg
             cache = model.encoder.get_initial_cache_state(batch_size=1)
         self._cache = tuple(c.to(engine.device) if c is not None else None for c in cache)
@@ -247,7 +243,7 @@ def step_ready(sessions: Sequence[StreamingSession]) -> int:
 
 
 def transcribe_streaming(
-    engine: Transcriber,
+    engine: LoadedModel,
     audios: Sequence[np.ndarray],
     *,
     langs: Sequence[str],
@@ -255,7 +251,7 @@ def transcribe_streaming(
     feed_samples: int = 1280,
 ) -> list[Transcript]:
     """Stream many clips at once, ``feed_samples`` at a time, stepping them in shared batches."""
-    sessions = [engine.stream(lang=lang, att_context=att_context) for lang in langs]
+    sessions = [StreamingSession(engine, lang=lang, att_context=att_context) for lang in langs]
     positions = [0] * len(audios)
     while not all(s.finished for s in sessions):
         for i, (s, audio) in enumerate(zip(sessions, audios, strict=True)):
@@ -305,8 +301,7 @@ def step_sessions(sessions: Sequence[StreamingSession]) -> None:
     prompts = torch.tensor([s.prompt for s in sessions], dtype=torch.long, device=dev)
     from nemo.collections.asr.parts.utils.rnnt_utils import Hypothesis
 
-    with engine._lock, torch.inference_mode():
-        engine.set_att_context(att)
+    with engine.running(att), torch.inference_mode():
         enc, enc_len, c_ch, c_t, c_len = model.encoder.cache_aware_stream_step(
             processed_signal=x.to(dev),
             processed_signal_length=lengths.to(dev),

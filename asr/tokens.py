@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from asr.results import Sentence, Transcript, Word, detected_language
-from asr.text import TAG_RE, strip_tags
+from records.text import TAG_RE, strip_tags
 
 WORD_START = "▁"
 
@@ -105,3 +105,24 @@ def build_transcript(
         model_id=model_id,
         att_context=att_context,
     )
+
+
+def as_list(values: Any) -> list[Any]:
+    """A hypothesis field (a tensor, a list of tensors or of numbers, or None) as a list of numbers."""
+    if values is None:
+        return []
+    if hasattr(values, "tolist"):
+        return list(values.tolist())
+    return [v.item() if hasattr(v, "item") else v for v in values]
+
+
+def blank_confidence(hyp: Any) -> float:
+    """The mean confidence of a hypothesis's frame decisions: how sure the model was that
+    nothing was said, for a transcript without words."""
+    frames = getattr(hyp, "frame_confidence", None) or []
+    values = [
+        float(f[0]) if isinstance(f, list | tuple) else float(f)
+        for f in frames
+        if f is not None and (not isinstance(f, list | tuple) or f)
+    ]
+    return round(sum(values) / len(values), 4) if values else 1.0

@@ -56,7 +56,7 @@ def train_steps(steps: int) -> None:
 
 def transcribe_corpus(_: int) -> None:
     from asr.audio import decode_audio
-    from asr.demo.corpus import load_manifest
+    from demo.corpus import load_manifest
     from asr.engine import Transcriber
 
     engine = Transcriber.load("demo", device="cpu")

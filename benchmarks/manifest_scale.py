@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_manifest(path: Path, lines: int) -> None:
     sys.path.insert(0, str(ROOT))
-    from asr.demo.corpus import load_manifest
+    from demo.corpus import load_manifest
 
     longs = [(r["audio_filepath"], r["duration"]) for r in load_manifest() if "sentences" in r]
     with path.open("w") as f:

@@ -20,7 +20,7 @@ import numpy as np
 
 def long_stream(seconds: float) -> np.ndarray:
     from asr.audio import decode_audio
-    from asr.demo.corpus import load_manifest
+    from demo.corpus import load_manifest
 
     clips = [decode_audio(r["audio_filepath"]) for r in load_manifest()]
     out, total = [], 0

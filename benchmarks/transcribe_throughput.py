@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_manifest(folder: Path, copies: int) -> tuple[Path, list[dict]]:
-    from asr.demo.corpus import load_manifest
+    from demo.corpus import load_manifest
 
     rows = []
     for row in load_manifest():

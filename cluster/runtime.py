@@ -1,8 +1,9 @@
 """Where work runs: connecting to Ray and planning actor resources.
 
-Only entry points call :func:`connect` (the CLI, benchmarks, tests); library code never starts
-Ray. With no address Ray starts embedded in the process (a laptop); ``--address`` or
-``RAY_ADDRESS`` joins an existing cluster.
+Only entry points connect (the CLI, benchmarks, tests: :func:`connect`, or :func:`ray_session`
+for a block); library code never starts Ray, and a job run without a connection says so
+(:func:`require_ray`) instead of letting Ray Data start one. With no address Ray starts embedded
+in the process (a laptop); ``--address`` or ``RAY_ADDRESS`` joins an existing cluster.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -36,16 +39,16 @@ ALLOCATOR_ENV = {
 }
 
 
-def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def allocator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The allocator settings for this process's workers: the user's own where set (either one),
     else :data:`ALLOCATOR_ENV`; none with ``EARMARK_MALLOC=system`` or off Linux (where glibc's
     variables mean nothing)."""
     import sys
 
-    environ = os.environ if environ is None else environ
-    if sys.platform != "linux" or environ.get("EARMARK_MALLOC") == "system":
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    if sys.platform != "linux" or env.get("EARMARK_MALLOC") == "system":
         return {}
-    own = {k: environ[k] for k in ALLOCATOR_ENV if k in environ}
+    own = {k: env[k] for k in ALLOCATOR_ENV if k in env}
     return own or dict(ALLOCATOR_ENV)
 
 
@@ -95,6 +98,31 @@ def disconnect() -> None:
     ray = sys.modules.get("ray")  # never import Ray just to leave it (``--help`` stays fast)
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+@contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> Iterator[str]:
+    """Connect (:func:`connect`) for the block, and leave Ray when it ends (:func:`disconnect`)."""
+    try:
+        yield connect(address, num_cpus=num_cpus, quiet=quiet)
+    finally:
+        disconnect()
+
+
+class NotConnectedError(RuntimeError):
+    """A job was started in a process that is not connected to Ray."""
+
+
+def require_ray() -> None:
+    """Raise :class:`NotConnectedError` unless this process is connected to Ray: jobs run on their
+    caller's connection and never start one (Ray Data would otherwise start a local cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise NotConnectedError(
+            "Ray is not connected: call cluster.runtime.connect() (or run the job inside "
+            "`with cluster.runtime.ray_session(address):`) first; the earmark command does this for you"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,7 @@ import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.storage import StorageOptions
-from jobs.stages import BOOKKEEPING
-from labeling.pseudo_labels import SCHEMA
+from records.pseudo_labels import COL, SCHEMA, conform
 
 PART_RE = re.compile(r"part-(\d{6})\.parquet$")
 META_DIR = "_earmark"
@@ -81,8 +80,8 @@ class ShardCommitter:
         shards = table.column("shard").to_pylist()
         sizes = table.column("shard_items").to_pylist()
         items = table.column("item_index").to_pylist()
-        segs = table.column("segment_index").to_pylist()
-        counts = table.column("segment_count").to_pylist()
+        segs = table.column(COL.segment_index).to_pylist()
+        counts = table.column(COL.segment_count).to_pylist()
         touched: dict[int, list[int]] = {}
         for row, (shard, size, item, seg, count) in enumerate(zip(shards, sizes, items, segs, counts, strict=True)):
             if shard in self.committed:
@@ -106,9 +105,8 @@ class ShardCommitter:
 
     def _write(self, shard: int, table: pa.Table) -> pa.Table:
         if table.num_rows:
-            table = _dedupe(table).sort_by([("item_index", "ascending"), ("segment_index", "ascending")])
-            table = table.drop_columns([c for c in (*BOOKKEEPING, "node") if c in table.column_names])
-        table = table.select(SCHEMA.names).cast(SCHEMA)
+            table = _dedupe(table).sort_by([("item_index", "ascending"), (COL.segment_index, "ascending")])
+        table = conform(table)
         final = f"{self.root}/part-{shard:06d}.parquet"
         if self.local:
             tmp_dir = f"{self.root}/{META_DIR}/tmp"
@@ -122,7 +120,7 @@ class ShardCommitter:
 
 
 def _dedupe(table: pa.Table) -> pa.Table:
-    ids = table.column("clip_id")
+    ids = table.column(COL.clip_id)
     if pc.count_distinct(ids).as_py() == table.num_rows:
         return table
     first: dict[str, int] = {}

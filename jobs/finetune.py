@@ -31,9 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asr.training import TrainSettings, check_manifest, epochs_for
+from asr.engine import TranscribeOptions
+from asr.train_settings import TrainSettings, check_manifest, epochs_for
 from cluster import storage
+from jobs.cards import CardMetrics, DataRecord, DevSet, GateVerdict, ModelCard, ParentRef, TrainingRecord
+from jobs.evaluate import Evaluation
 from jobs.registry import Registry, gate_card, utcnow_iso
+from records.manifest import ManifestEntry, manifest_base, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,6 @@ class FinetuneRequest:
     #: CPUs each worker holds (None: the cluster's CPUs shared out, at least one).
     cpus_per_worker: float | None = None
     settings: TrainSettings = field(default_factory=TrainSettings)
-    address: str | None = None
     storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
     #: Worker-group restarts allowed (a killed worker resumes from the last checkpoint).
     max_failures: int = 2
@@ -66,11 +69,11 @@ class FinetuneRequest:
     #: Each --train then --replay manifest's share of the training samples (None: by their sizes).
     mix: list[float] | None = None
     att_context: tuple[int, int] | None = None
-    quiet: bool = False
 
 
-def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
-    """Train, evaluate against the parent, write the model and its card; returns the card."""
+def run_finetune(req: FinetuneRequest) -> ModelCard:
+    """Train on the caller's Ray connection, evaluate against the parent, write the model and
+    its card; returns the card."""
     started = time.perf_counter()
     registry = Registry(req.registry, req.storage)
     base_uri, parent = _resolve_base(req.base, registry)
@@ -78,8 +81,6 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
     from asr.model import model_id_of_file, read_prompt_dictionary
 
     prompts = read_prompt_dictionary(base_local)
-    if isinstance(req.dev, str):
-        req.dev = [req.dev]
     if not req.train or not req.dev:
         raise FinetuneError("name at least one --train and one --dev manifest")
     sources = len(req.train) + len(req.replay)
@@ -99,9 +100,9 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
     run_name = f"{req.name}-{version}"
     model_uri = registry.path(req.name, version, "model.nemo")
 
-    from cluster.runtime import connect
+    from cluster.runtime import require_ray
 
-    connect(req.address, quiet=True)
+    require_ray()
     train_started = time.perf_counter()
     result = _train(req, base_uri=base_uri, dev=dev, model_uri=model_uri, run_name=run_name, registry=registry)
     train_s = time.perf_counter() - train_started
@@ -109,104 +110,103 @@ def run_finetune(req: FinetuneRequest) -> dict[str, Any]:
     evals = registry.path(req.name, version, "eval")
     metrics_new = _evaluate(req, model_uri, dev, f"{evals}/dev")
     metrics_parent = _evaluate(req, base_uri, dev, f"{evals}/dev-parent")
-    metrics = {"dev": _slim(metrics_new), "parent_dev": _slim(metrics_parent)}
+    dev_sets = {}
     if len(req.dev) > 1:  # each dev manifest is also gated on its own (see registry.gate_card)
         from jobs.evaluate import score_parts
 
-        new, old = (score_parts(m["labels"], req.dev, req.storage) for m in (metrics_new, metrics_parent))
-        metrics["dev_sets"] = {uri: {"new": new[uri]["languages"], "parent": old[uri]["languages"]} for uri in req.dev}
+        new, old = (score_parts(m.labels or "", req.dev, req.storage) for m in (metrics_new, metrics_parent))
+        dev_sets = {uri: DevSet(new=new[uri].languages, parent=old[uri].languages) for uri in req.dev}
+    metrics = CardMetrics(dev=metrics_new, parent_dev=metrics_parent, dev_sets=dev_sets)
     refused = gate_card(metrics)
     local_model = storage.localize(model_uri, req.storage) if storage.is_remote(model_uri) else Path(model_uri)
-    card = {
-        "name": req.name,
-        "version": version,
-        "model_id": model_id_of_file(local_model, name=f"{req.name}-{version}"),
-        "created_at": utcnow_iso(),
-        "base": parent.get("base") or parent["model_id"],
-        "parent": parent,
-        "data": data,
-        "training": {
-            **req.settings.to_dict(),
-            "workers": req.workers,
-            "mix": req.mix,
-            "gpus_per_worker": req.gpus_per_worker,
-            "train_s": round(train_s, 1),
-            "wall_s": round(time.perf_counter() - started, 1),
-            "steps": result["step"],
-            "attempts": result["attempts"],
-            "resumed_from_steps": result["resumed_from_steps"],
-            "anchor_distance_last_epoch": result["anchor_distance"],
-            "attempt_log": result["attempt_log"],
-            "ray_run": run_name,
-        },
-        "metrics": metrics,
-        "gate": {"passed": not refused, "reasons": refused},
-        "promotion": None,
-    }
+    card = ModelCard(
+        name=req.name,
+        version=version,
+        model_id=model_id_of_file(local_model, name=f"{req.name}-{version}"),
+        created_at=utcnow_iso(),
+        base=parent.base or parent.model_id,
+        parent=parent,
+        data=data,
+        training=TrainingRecord(
+            settings=req.settings,
+            workers=req.workers,
+            gpus_per_worker=req.gpus_per_worker,
+            mix=req.mix,
+            train_s=round(train_s, 1),
+            wall_s=round(time.perf_counter() - started, 1),
+            steps=result.steps,
+            attempts=len(result.attempt_log),
+            resumed_from_steps=result.resumed_from_steps,
+            attempt_log=result.attempt_log,
+            anchor_distance_last_epoch=result.anchor_distance,
+            ray_run=run_name,
+        ),
+        metrics=metrics,
+        gate=GateVerdict(passed=not refused, reasons=refused),
+    )
     registry.publish_card(req.name, version, card)
     return card
 
 
-def _slim(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: metrics[k] for k in ("languages", "clips_scored", "clips_failed", "confidence", "model_id") if k in metrics
-    }
+def _resolve_base(base: str, registry: Registry) -> tuple[str, ParentRef]:
+    """A bundled model's name (``demo``), a path or URI of a .nemo, or ``NAME[/VERSION]`` of the registry."""
+    from asr.model import bundled_checkpoints, model_id_of_file
 
-
-def _resolve_base(base: str, registry: Registry) -> tuple[str, dict[str, Any]]:
-    """``demo``, a path or URI of a .nemo, or ``NAME[/VERSION]`` of the registry."""
-    from asr.model import DEMO_MODEL_PATH, model_id_of_file
-
-    if base == "demo":
-        return str(DEMO_MODEL_PATH), {"model_id": model_id_of_file(DEMO_MODEL_PATH, name="earmark-demo"), "ref": "demo"}
+    bundled = bundled_checkpoints().get(base)
+    if bundled is not None:
+        return str(bundled.path), ParentRef(model_id=model_id_of_file(bundled.path), ref=base)
     if storage.is_remote(base) or base.endswith(".nemo"):
         if not storage.exists(base, registry.options):
             raise FinetuneError(
                 f"--base {base}: no such checkpoint; pass 'demo', a .nemo path or URI, or NAME[/VERSION] of the registry"
             )
         local = storage.localize(base, registry.options) if storage.is_remote(base) else Path(base)
-        return base, {"model_id": model_id_of_file(local, name=Path(base).stem), "ref": base}
+        return base, ParentRef(model_id=model_id_of_file(local, name=Path(base).stem), ref=base)
     card = registry.card(*base.split("/", 1)) if "/" in base else registry.card(base)
-    uri = registry.path(card["name"], card["version"], "model.nemo")
-    return uri, {"model_id": card["model_id"], "ref": f"{card['name']}/{card['version']}", "base": card.get("base")}
+    uri = registry.path(card.name, card.version, "model.nemo")
+    return uri, ParentRef(model_id=card.model_id, ref=card.ref, base=card.base)
 
 
-def _describe(uri: str, prompts: dict[str, int], options: storage.StorageOptions) -> dict[str, Any]:
-    from asr.training import ManifestError
-
+def _describe(uri: str, prompts: dict[str, int], options: storage.StorageOptions) -> DataRecord:
     try:
         data = storage.read_bytes(uri, options)
-        text = data.decode("utf-8")
     except storage.StorageError as exc:
         raise FinetuneError(f"manifest {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{uri}: not UTF-8 text; a NeMo manifest is JSON lines") from exc
-    return {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), **check_manifest(uri, text, prompts)}
+    stats = check_manifest(uri, data, prompts)
+    return DataRecord(uri, hashlib.sha256(data).hexdigest(), stats.lines, stats.hours, stats.languages)
 
 
 def _combine(manifests: list[str], target: str, options: storage.StorageOptions) -> str:
     """One manifest for several (audio paths made absolute); a single manifest is used as is."""
     if len(manifests) == 1:
         return manifests[0]
-    lines = [json.dumps(row, ensure_ascii=False) for uri in manifests for row in _rows(uri, options)]
-    storage.write_bytes(target, ("\n".join(lines) + "\n").encode(), options)
+    storage.write_bytes(target, write_manifest(e for uri in manifests for e in _entries(uri, options)), options)
     return target
 
 
-def _evaluate(req: FinetuneRequest, model: str, manifest: str, out: str) -> dict[str, Any]:
+def _evaluate(req: FinetuneRequest, model: str, manifest: str, out: str) -> Evaluation:
     from jobs.evaluate import run_evaluate
     from jobs.stages import JobSettings
 
-    settings = JobSettings(run_id="", model=model, att_context=req.att_context, storage=req.storage)
-    return run_evaluate(manifest=manifest, out=out, settings=settings, address=req.address, quiet=True)
+    options = TranscribeOptions(att_context=req.att_context)
+    settings = JobSettings(run_id="", model=model, options=options, storage=req.storage)
+    return run_evaluate(manifest=manifest, out=out, settings=settings, quiet=True)
 
 
 # -- Ray Train ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Trained:
+    steps: int
+    attempt_log: list[dict[str, Any]]
+    resumed_from_steps: list[int]
+    anchor_distance: float | None
+
+
 def _train(
     req: FinetuneRequest, *, base_uri: str, dev: str, model_uri: str, run_name: str, registry: Registry
-) -> dict[str, Any]:
+) -> _Trained:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -253,7 +253,7 @@ def _train(
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; the user needs the cause and the way out
         raise FinetuneError(f"training failed: {_root_cause(exc)}. Fix it and run the same command again") from exc
-    if getattr(result, "error", None):
+    if result.error is not None:
         raise FinetuneError(f"training failed: {_root_cause(result.error)}")
     attempts = [
         json.loads(storage.read_bytes(uri, req.storage))
@@ -266,13 +266,12 @@ def _train(
     if not storage.exists(model_uri, req.storage):
         raise FinetuneError(f"training ended but wrote no model at {model_uri}; see the Ray logs")
     metrics = result.metrics or {}
-    return {
-        "step": int(metrics.get("step", 0)),
-        "attempts": len(attempts),
-        "attempt_log": attempts,
-        "resumed_from_steps": sorted(a["resumed_from_step"] for a in attempts if a.get("resumed_from_step")),
-        "anchor_distance": metrics.get("train_anchor_distance"),
-    }
+    return _Trained(
+        steps=int(metrics.get("step", 0)),
+        attempt_log=attempts,
+        resumed_from_steps=sorted(a["resumed_from_step"] for a in attempts if a.get("resumed_from_step")),
+        anchor_distance=metrics.get("train_anchor_distance"),
+    )
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -289,7 +288,8 @@ def train_worker(config: dict[str, Any]) -> None:
     from omegaconf import OmegaConf
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    from asr.training import attach_anchor, data_config, merge_into, optim_config, prepare_model
+    from asr.train_settings import data_config, optim_config
+    from asr.training import attach_anchor, merge_into, prepare_model
 
     torch.set_num_threads(config["threads"])
     settings = TrainSettings(**config["settings"])
@@ -374,26 +374,16 @@ def stage_manifest(uri: str, folder: Path, options: storage.StorageOptions) -> s
     """A local copy of the manifest ``uri`` whose audio paths are absolute local files (audio on
     ``s3://`` is downloaded once into earmark's cache); returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for row in _rows(uri, options):
-        audio = row["audio_filepath"]
-        row["audio_filepath"] = str(storage.localize(audio, options) if storage.is_remote(audio) else Path(audio))
-        lines.append(json.dumps(row, ensure_ascii=False))
+    entries = [
+        e.with_audio(str(storage.localize(e.audio_filepath, options))) if storage.is_remote(e.audio_filepath) else e
+        for e in _entries(uri, options)
+    ]
     target = folder / f"{uuid.uuid4().hex[:8]}-{uri.rsplit('/', 1)[-1]}"
-    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    target.write_bytes(write_manifest(entries))
     return str(target)
 
 
-def _rows(uri: str, options: storage.StorageOptions) -> list[dict[str, Any]]:
+def _entries(uri: str, options: storage.StorageOptions) -> list[ManifestEntry]:
     """The lines of the manifest ``uri`` with audio paths resolved as NeMo resolves them
     (relative to the manifest; absolute local paths or URIs)."""
-    from jobs.clips import resolve_audio_path
-
-    base = uri.rsplit("/", 1)[0] if storage.is_remote(uri) else str(Path(uri).resolve().parent)
-    rows = []
-    for line in storage.read_bytes(uri, options).decode("utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            row["audio_filepath"] = resolve_audio_path(str(row["audio_filepath"]), base)
-            rows.append(row)
-    return rows
+    return read_manifest(storage.read_bytes(uri, options), base=manifest_base(uri), name=uri)

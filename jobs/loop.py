@@ -2,7 +2,7 @@
 
     earmark demo loop --out build/loop
 
-1. **Data** (``asr.demo.accent``): an accent pool (English read by espeak-ng voices the demo
+1. **Data** (``demo.accent``): an accent pool (English read by espeak-ng voices the demo
    model never heard; ``--voice``, ``--variants`` and ``--speed`` choose others), a held-out part
    of the same accent, an original-language set (the four demo locales) and a replay set of the
    original kind.
@@ -31,15 +31,22 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from asr.demo import accent, speech
-from asr.training import TrainSettings
+from asr.train_settings import TrainSettings
+from demo import accent, speech
+from jobs.cards import GateVerdict, Promotion
+from jobs.evaluate import Evaluation, pct
+from labeling.ingest import RouteReport
+from records.manifest import manifest_base, read_manifest
+
+if TYPE_CHECKING:
+    from labeling.queue import ReviewQueue
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopSettings:
     #: Accent clips transcribed and routed (a quarter of them reviewed).
     pool: int = 640
@@ -52,7 +59,7 @@ class LoopSettings:
     #: The review budget: at most this share of the accent pool is reviewed.
     review_share: float = 0.25
     workers: int = 2
-    #: The accent (see asr.demo.accent): espeak-ng voice, words per minute, voice variants.
+    #: The accent (see demo.accent): espeak-ng voice, words per minute, voice variants.
     voice: str = accent.ACCENT_VOICE
     speed: tuple[int, int] = accent.ACCENT_SPEED
     variants: tuple[str, ...] = accent.ACCENT_VARIANTS
@@ -62,15 +69,15 @@ class LoopSettings:
         # the prediction network (the language model) stays frozen: an accent is acoustics; the
         # replay clips are anchored to the base's output distribution (without it the original
         # languages got up to 49 % worse; see TrainSettings.anchor_at). Weight 30 rather than 10:
-        # with the British RP accent, original en-US 10-12 points less worse in two paired runs,
-        # for 4-5 points of accent gain.
+        # measured when the loop's accent was British RP (now one --voice away), original en-US
+        # 10-12 points less worse in two paired runs, for 4-5 points of accent gain.
         # The saved weights are 0.8 fine-tuned + 0.2 base (WiSE-FT): on the new voices, held-out
         # WER 15.4 % -> 17.7 % (of 33.5 %), original en-US and es-ES 4-7 % better than at 1.0.
         default_factory=lambda: TrainSettings(
             max_steps=150,
             lr=3e-4,
             steps_per_epoch=50,
-            batch_seconds=45.0,
+            batch_duration=45.0,
             unified_auto_ratio=0.9,
             freeze="decoder",
             anchor=30.0,
@@ -84,8 +91,81 @@ class LoopSettings:
     trust_confidence: float = 0.9
 
 
-def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[str], None] = print) -> dict[str, Any]:
-    from cluster.runtime import connect
+@dataclass(frozen=True, slots=True)
+class AccentFigures:
+    voice: str
+    speed_wpm: list[int]
+    variants: list[str]
+    clips: int
+    heldout_clips: int
+    wer_before: float | None
+    wer_after: float | None
+    relative_reduction: float | None
+    language_accuracy_before: float | None
+    language_accuracy_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    before: float | None
+    after: float | None
+    relative_change: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewFigures:
+    reviewed: int
+    share: float
+    routing: RouteReport
+
+
+@dataclass(frozen=True, slots=True)
+class PseudoLabelQuality:
+    """How wrong the trusted pseudo-labels that went into training were (the loop knows the truth)."""
+
+    clips: int
+    wer: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionOutcome:
+    record: Promotion | None
+    #: Why the gate refused the model (None: promoted).
+    refused: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOutcome:
+    version: str
+    model_id: str
+    train_s: float
+    steps: int
+    workers: int
+    gate: GateVerdict
+    promotion: PromotionOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class LoopReport:
+    """``loop-report.json``: the loop's figures before and after, and what it did on the way."""
+
+    accent: AccentFigures
+    #: Original-language WER (normalized) per language and ``all``.
+    original: dict[str, Change]
+    review: ReviewFigures
+    export: dict[str, Any]
+    pseudo_labels_in_train: PseudoLabelQuality
+    model: ModelOutcome
+    timings_s: dict[str, float]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[str], None] = print) -> LoopReport:
+    """The whole loop on the caller's Ray connection; writes ``loop-report.json`` and ``.html``."""
+    from cluster.runtime import require_ray
     from jobs.finetune import FinetuneRequest, run_finetune
     from jobs.registry import Registry, RegistryError
     from labeling.export import ExportOptions, export_manifests
@@ -93,6 +173,7 @@ def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[
     from labeling.policy import Policy
     from labeling.queue import ReviewQueue
 
+    require_ray()
     settings = settings or LoopSettings()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +219,6 @@ def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[
     lap("data_s")
 
     # 2. transcribe the accent pool
-    connect(None, quiet=True)
     labels = out / "labels"
     _transcribe(manifests["pool"], labels)
     lap("transcribe_s")
@@ -156,8 +236,8 @@ def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[
     sources = _sources(labels)
     reviewer = _reviewer(queue)
     while (task := queue.claim("accent", reviewer)) is not None:
-        ref = refs[sources[task.clip_id]]
-        queue.submit(task.id, reviewer, text=ref["text_plain"], lang=ref["target_lang"])
+        text, lang = refs[sources[task.clip_id]]
+        queue.submit(task.id, reviewer, text=text, lang=lang)
     # every review of the project (a rerun of the loop finds the earlier ones done)
     reviewed = sum(v.get("done", 0) for v in queue.stats("accent")["tasks"].values())
     share = reviewed / settings.pool
@@ -165,7 +245,7 @@ def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[
 
     # 5. export
     export = export_manifests(queue, "accent", out / "export", ExportOptions(dev_fraction=0.2))
-    pseudo_wer = _pseudo_label_wer(out / "export" / "train.jsonl", refs)
+    pseudo_quality = _pseudo_label_wer(out / "export" / "train.jsonl", refs)
     lap("route_review_export_s")
 
     # 6. fine-tune (the export's train manifest unchanged, plus replay)
@@ -184,64 +264,61 @@ def run_loop(out: Path, settings: LoopSettings | None = None, *, say: Callable[[
         )
     )
     lap("finetune_s")
-    new_model = registry.path("accent", card["version"], "model.nemo")
+    new_model = registry.path("accent", card.version, "model.nemo")
 
     # 7. evaluate both models on the held-out accent clips; the original set was one of the
     # gate's dev manifests, scored apart on the card
-    evaluations = {}
-    for who, model in (("parent", "demo"), ("new", new_model)):
-        evaluations[("heldout", who)] = _evaluate(model, manifests["heldout"], out / "eval" / f"heldout-{who}")
-        evaluations[("original", who)] = {"languages": card["metrics"]["dev_sets"][str(manifests["original"])][who]}
+    heldout = {
+        who: _evaluate(model, manifests["heldout"], out / "eval" / f"heldout-{who}").languages["all"]
+        for who, model in (("parent", "demo"), ("new", new_model))
+    }
     lap("evaluate_s")
     try:
-        promotion = registry.promote("accent", card["version"])
+        promotion = PromotionOutcome(record=registry.promote("accent", card.version), refused=None)
     except RegistryError as exc:
-        promotion = {"refused": str(exc)}
+        promotion = PromotionOutcome(record=None, refused=str(exc))
 
-    accent_before = evaluations[("heldout", "parent")]["languages"]["all"]["wer"]
-    accent_after = evaluations[("heldout", "new")]["languages"]["all"]["wer"]
-    original = {}
-    for lang, before in evaluations[("original", "parent")]["languages"].items():
-        after = evaluations[("original", "new")]["languages"].get(lang, {})
-        original[lang] = {
-            "before": before["wer"],
-            "after": after.get("wer"),
-            "relative_change": _relative(before["wer"], after.get("wer")),
-        }
-    report = {
-        "accent": {
-            "voice": settings.voice,
-            "speed_wpm": list(settings.speed),
-            "variants": list(settings.variants),
-            "clips": settings.pool,
-            "heldout_clips": settings.heldout,
-            "wer_before": accent_before,
-            "wer_after": accent_after,
-            "relative_reduction": -_relative(accent_before, accent_after),
-            "language_accuracy_before": evaluations[("heldout", "parent")]["languages"]["all"][
-                "sentence_language_accuracy"
-            ],
-            "language_accuracy_after": evaluations[("heldout", "new")]["languages"]["all"][
-                "sentence_language_accuracy"
-            ],
-        },
-        "original": original,
-        "review": {"reviewed": reviewed, "share": share, "routing": routed.to_dict()},
-        "export": export,
-        "pseudo_labels_in_train": pseudo_wer,
-        "model": {
-            "version": card["version"],
-            "model_id": card["model_id"],
-            "train_s": card["training"]["train_s"],
-            "steps": card["training"]["steps"],
-            "workers": card["training"]["workers"],
-            "gate": card["gate"],
-            "promotion": promotion,
-        },
-        "timings_s": timings,
-        "settings": {**asdict(settings), "train": settings.train.to_dict()},
+    original_set = card.metrics.dev_sets[str(manifests["original"])]
+    original = {
+        lang: Change(
+            before.wer,
+            original_set.new[lang].wer if lang in original_set.new else None,
+            _relative(before.wer, original_set.new[lang].wer if lang in original_set.new else None),
+        )
+        for lang, before in original_set.parent.items()
     }
-    (out / "loop-report.json").write_text(json.dumps(report, indent=2))
+    before, after = heldout["parent"], heldout["new"]
+    reduction = _relative(before.wer, after.wer)
+    report = LoopReport(
+        accent=AccentFigures(
+            voice=settings.voice,
+            speed_wpm=list(settings.speed),
+            variants=list(settings.variants),
+            clips=settings.pool,
+            heldout_clips=settings.heldout,
+            wer_before=before.wer,
+            wer_after=after.wer,
+            relative_reduction=None if reduction is None else -reduction,
+            language_accuracy_before=before.sentence_language_accuracy,
+            language_accuracy_after=after.sentence_language_accuracy,
+        ),
+        original=original,
+        review=ReviewFigures(reviewed=reviewed, share=share, routing=routed),
+        export=export,
+        pseudo_labels_in_train=pseudo_quality,
+        model=ModelOutcome(
+            version=card.version,
+            model_id=card.model_id,
+            train_s=card.training.train_s,
+            steps=card.training.steps,
+            workers=card.training.workers,
+            gate=card.gate,
+            promotion=promotion,
+        ),
+        timings_s=timings,
+        settings=asdict(settings),
+    )
+    (out / "loop-report.json").write_text(json.dumps(report.to_dict(), indent=2))
     (out / "loop-report.html").write_text(html_report(report))
     return report
 
@@ -252,42 +329,35 @@ def _relative(before: float | None, after: float | None) -> float | None:
     return (after - before) / before
 
 
-def _transcribe(manifest: Path, labels: Path) -> dict[str, Any]:
+def _transcribe(manifest: Path, labels: Path) -> None:
     from jobs.stages import JobSettings
     from jobs.transcribe import TranscribeRequest, run_transcribe
 
     settings = JobSettings(run_id="", model="demo")
-    return run_transcribe(TranscribeRequest(input=str(manifest), out=str(labels), settings=settings, quiet=True))
+    run_transcribe(TranscribeRequest(input=str(manifest), out=str(labels), settings=settings, quiet=True))
 
 
-def _evaluate(model: str, manifest: Path, out: Path) -> dict[str, Any]:
+def _evaluate(model: str, manifest: Path, out: Path) -> Evaluation:
     from jobs.evaluate import run_evaluate
     from jobs.stages import JobSettings
 
     return run_evaluate(manifest=str(manifest), out=str(out), settings=JobSettings(run_id="", model=model), quiet=True)
 
 
-def _references(manifest: Path) -> dict[str, dict[str, Any]]:
-    """Absolute audio path -> the manifest row (the reference the simulated reviewer knows)."""
-    out = {}
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out[str((manifest.parent / row["audio_filepath"]).resolve())] = row
-    return out
+def _references(manifest: Path) -> dict[str, tuple[str, str | None]]:
+    """Absolute audio path -> (text, locale): the reference the simulated reviewer knows."""
+    entries = read_manifest(manifest.read_bytes(), base=manifest_base(str(manifest)), name=str(manifest))
+    return {e.audio_filepath: (accent.plain_text(e), e.locale) for e in entries}
 
 
 def _sources(labels: Path) -> dict[str, str]:
-    import pyarrow.dataset as pads
+    """clip id -> the absolute path of its audio."""
+    from jobs.evaluate import read_labels
 
-    table = pads.dataset(str(labels), format="parquet").to_table(columns=["clip_id", "source_uri"])
-    return {
-        c: str(Path(s).resolve())
-        for c, s in zip(table["clip_id"].to_pylist(), table["source_uri"].to_pylist(), strict=True)
-    }
+    return {label.clip_id: str(Path(label.source_uri).resolve()) for label in read_labels(str(labels))}
 
 
-def _reviewer(queue: Any) -> int:
+def _reviewer(queue: ReviewQueue) -> int:
     for reviewer in queue.reviewers():
         if reviewer.name == "simulated-reviewer":
             return reviewer.id
@@ -295,33 +365,28 @@ def _reviewer(queue: Any) -> int:
     return reviewer.id
 
 
-def _pseudo_label_wer(train_manifest: Path, refs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _pseudo_label_wer(train_manifest: Path, refs: dict[str, tuple[str, str | None]]) -> PseudoLabelQuality:
     """How wrong the trusted pseudo-labels that went into training were (the loop knows the truth)."""
-    import jiwer
+    from records.manifest import ORIGIN_PSEUDO
+    from records.text import word_errors
 
-    from asr.text import strip_tags
-    from jobs.evaluate import normalize
-
-    hyps, truths = [], []
-    for line in train_manifest.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("origin") != "pseudo":
+    errors = words = clips = 0
+    for entry in read_manifest(train_manifest.read_bytes(), name=str(train_manifest)):
+        ref = refs.get(str(Path(entry.audio_filepath).resolve()))
+        if entry.origin != ORIGIN_PSEUDO or ref is None:
             continue
-        ref = refs.get(str(Path(row["audio_filepath"]).resolve()))
-        if ref is not None:
-            hyps.append(normalize(strip_tags(row["text"])) or "-")
-            truths.append(normalize(ref["text_plain"]))
-    wer = jiwer.wer(truths, hyps) if truths else None
-    return {"clips": len(truths), "wer": wer}
+        e, n = word_errors(ref[0], entry.text or "")
+        errors, words, clips = errors + e, words + n, clips + 1
+    return PseudoLabelQuality(clips=clips, wer=errors / words if words else None)
 
 
-def accent_name(acc: dict[str, Any]) -> str:
+def accent_name(acc: AccentFigures) -> str:
     """espeak-ng voice+variants at MIN-MAX wpm, as in the report's ``accent``."""
-    low, high = acc["speed_wpm"]
-    return f"espeak-ng {acc['voice']}+{','.join(acc['variants'])}, {low}-{high} wpm"
+    low, high = acc.speed_wpm
+    return f"espeak-ng {acc.voice}+{','.join(acc.variants)}, {low}-{high} wpm"
 
 
-def html_report(report: dict[str, Any]) -> str:
+def html_report(report: LoopReport) -> str:
     """Before/after bars (matplotlib, embedded PNG) and the figures as tables."""
     import matplotlib
 
@@ -330,9 +395,11 @@ def html_report(report: dict[str, Any]) -> str:
 
     import matplotlib.pyplot as plt
 
-    labels = ["accent (held out)"] + [f"original {k}" for k in report["original"] if k != "all"]
-    before = [report["accent"]["wer_before"]] + [v["before"] for k, v in report["original"].items() if k != "all"]
-    after = [report["accent"]["wer_after"]] + [v["after"] or 0 for k, v in report["original"].items() if k != "all"]
+    acc, model = report.accent, report.model
+    languages = {k: v for k, v in report.original.items() if k != "all"}
+    labels = ["accent (held out)"] + [f"original {k}" for k in languages]
+    before = [acc.wer_before or 0] + [v.before or 0 for v in languages.values()]
+    after = [acc.wer_after or 0] + [v.after or 0 for v in languages.values()]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], [100 * b for b in before], width=0.4, label="demo model (parent)", color="#8c8c8c")
@@ -346,24 +413,18 @@ def html_report(report: dict[str, Any]) -> str:
     plt.close(fig)
     png = base64.b64encode(buf.getvalue()).decode()
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f} %"
-
-    acc = report["accent"]
     rows = "".join(
-        f"<tr><td>{escape(k)}</td><td>{pct(v['before'])}</td><td>{pct(v['after'])}</td>"
-        f"<td>{pct(v['relative_change'])}</td></tr>"
-        for k, v in report["original"].items()
+        f"<tr><td>{escape(k)}</td><td>{pct(v.before)}</td><td>{pct(v.after)}</td><td>{pct(v.relative_change)}</td></tr>"
+        for k, v in report.original.items()
     )
-    model = report["model"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>earmark loop report</title>
 <style>body{{font:15px system-ui,sans-serif;max-width:900px;margin:2rem auto}}td,th{{border:1px solid #ccc;padding:.2rem .6rem}}
 table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>
 <h1>The loop on a new accent ({escape(accent_name(acc))})</h1>
-<p>Held-out accent WER {pct(acc["wer_before"])} &rarr; {pct(acc["wer_after"])}
-(relative reduction {pct(acc["relative_reduction"])}); {report["review"]["reviewed"]} of {acc["clips"]} accent clips
-reviewed ({pct(report["review"]["share"])}). Model {escape(model["version"])} trained {model["steps"]} steps in
-{model["train_s"]:.0f} s on {model["workers"]} worker(s); gate {"passed" if model["gate"]["passed"] else "refused"}.</p>
+<p>Held-out accent WER {pct(acc.wer_before)} &rarr; {pct(acc.wer_after)}
+(relative reduction {pct(acc.relative_reduction)}); {report.review.reviewed} of {acc.clips} accent clips
+reviewed ({pct(report.review.share)}). Model {escape(model.version)} trained {model.steps} steps in
+{model.train_s:.0f} s on {model.workers} worker(s); gate {"passed" if model.gate.passed else "refused"}.</p>
 <img alt="WER before and after" src="data:image/png;base64,{png}">
 <h2>Original languages</h2>
 <table><tr><th>language</th><th>before</th><th>after</th><th>relative change</th></tr>{rows}</table>

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -27,15 +27,17 @@ import pyarrow as pa
 from cluster import storage
 from jobs import clips
 from jobs.commit import META_DIR, ShardCommitter, done_shards, join
-from jobs.stages import DecodeStage, JobSettings, ReadStage, TranscribeStage, rows_of
-from labeling.pseudo_labels import SCHEMA, STATUS_OK
+from jobs.progress import NODE, Progress, RunStats
+from jobs.stages import BOOKKEEPING, DecodeStage, JobSettings, ReadStage, TranscribeStage, rows_of
+from records.manifest import is_manifest
+from records.pseudo_labels import COL, SCHEMA, STATUS_OK
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = SCHEMA.append(pa.field("shard", pa.int64())).append(pa.field("shard_items", pa.int64()))
-RESULT_SCHEMA = RESULT_SCHEMA.append(pa.field("item_index", pa.int64())).append(pa.field("node", pa.string()))
-#: Settings that must not change between a run and its resumption.
-RESUME_KEYS = ("lang", "model", "att_context", "max_segment_s")
+RESULT_SCHEMA = pa.schema(
+    [*SCHEMA, *(pa.field(name, pa.int64()) for name in BOOKKEEPING), pa.field(NODE, pa.string())],
+    metadata=SCHEMA.metadata,
+)
 
 
 class JobError(RuntimeError):
@@ -49,7 +51,6 @@ class TranscribeRequest:
     settings: JobSettings
     actors: int | None = None
     gpus_per_actor: float | None = None
-    address: str | None = None
     #: Input clips per shard (the unit of commit and of resume).
     lines_per_shard: int = 256
     #: Rows handed to an actor per call (the engine packs them by duration).
@@ -57,63 +58,127 @@ class TranscribeRequest:
     quiet: bool = False
 
 
-def run_transcribe(req: TranscribeRequest) -> dict[str, Any]:
-    """Run (or resume) the job and return its summary (also written to ``OUT/_earmark/summary.json``)."""
+@dataclass(frozen=True, slots=True)
+class RunPlan:
+    """``OUT/_earmark/run.json``: what a job was asked to do, checked when it is run again."""
+
+    run_id: str
+    input: str
+    #: The manifest the shards are cut from (the input, or the listing of a folder or prefix).
+    manifest: str
+    manifest_size: int
+    shard_bytes: int
+    #: The settings that must not change between a run and its resumption.
+    settings: dict[str, Any]
+    started_at: str
+
+    def shards(self, options: storage.StorageOptions | None = None) -> list[clips.Shard]:
+        return clips.plan_shards(self.manifest, shard_bytes=self.shard_bytes, options=options)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunPlan:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    """What this run of the job did (a resumed job counts only its own work)."""
+
+    rows_transcribed: int
+    audio_hours: float
+    wall_s: float
+    rtfx: float
+    clips_per_node: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TranscribeSummary:
+    """``OUT/_earmark/summary.json``: every part in the output folder, not only this run's."""
+
+    input: str
+    out: str
+    run_id: str
+    model_ids: list[str]
+    settings: dict[str, Any]
+    rows: int
+    unique_clip_ids: int
+    items: int
+    clips_ok: int
+    clips_error: int
+    audio_hours: float
+    per_language: dict[str, int]
+    confidence_quantiles: dict[str, float]
+    error_examples: list[str]
+    this_run: RunFigures
+    finished_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_transcribe(req: TranscribeRequest) -> TranscribeSummary:
+    """Run (or resume) the job on the caller's Ray connection and return its summary (also
+    written to ``OUT/_earmark/summary.json``)."""
     started = time.perf_counter()
     opts = req.settings.storage
     run = _prepare_run(req)
-    settings = replace(req.settings, run_id=run["run_id"])
-    shards = run_shards(run, opts)
+    settings = replace(req.settings, run_id=run.run_id)
+    shards = run.shards(opts)
     done = done_shards(req.out, opts)
     pending = [s for s in shards if s.index not in done]
-    stats = _RunStats()
+    stats = RunStats()
     if pending:
         log.info("%d of %d shards to do", len(pending), len(shards))
-        _process(req, settings, pending, run, stats)
+        _process(req, settings, pending, run, resumed=len(pending) < len(shards), stats=stats)
     summary = write_summary(req.out, run=run, stats=stats, wall_s=time.perf_counter() - started, options=opts)
     storage.write_bytes(join(req.out, "_SUCCESS"), b"", opts)
     return summary
 
 
-def run_shards(run: dict[str, Any], options: storage.StorageOptions | None = None) -> list[clips.Shard]:
-    return clips.plan_shards(run["manifest"], shard_bytes=run["shard_bytes"], options=options)
-
-
-def _finished_so_far(out: str, options: storage.StorageOptions | None) -> _RunStats:
+def _finished_so_far(out: str, options: storage.StorageOptions | None) -> RunStats:
     """What the parts already in ``out`` hold (a resumed job's bar starts there)."""
     import pyarrow.dataset as pads
 
     fs, root = storage.pyarrow_filesystem(out, options)
     table = pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
-        columns=["status", "duration_s", "segment_index"]
+        columns=[COL.status, COL.duration_s, COL.segment_index]
     )
-    stats = _RunStats()
-    stats.add(table.append_column("node", pa.nulls(table.num_rows, pa.string())))
-    stats.nodes.clear()
+    stats = RunStats()
+    stats.add(table)
     return stats
 
 
-def _prepare_run(req: TranscribeRequest) -> dict[str, Any]:
+def resume_settings(settings: JobSettings) -> dict[str, Any]:
+    """The settings a rerun must share with the run it resumes (``run.json``'s ``settings``)."""
+    att = settings.options.att_context
+    return {
+        "lang": settings.options.lang,
+        "model": settings.model,
+        "att_context": None if att is None else list(att),
+        "max_segment_s": settings.max_segment_s,
+        "model_sha256": _model_sha(settings.model),
+    }
+
+
+def _prepare_run(req: TranscribeRequest) -> RunPlan:
     """Read ``run.json`` (a resumed job) or write it (a new one), planning the input once."""
     opts = req.settings.storage
     run_uri = join(req.out, META_DIR, "run.json")
-    wanted = {k: _jsonable(getattr(req.settings, k)) for k in RESUME_KEYS} | {
-        "model_sha256": _model_sha(req.settings.model)
-    }
+    wanted = resume_settings(req.settings)
     if storage.exists(run_uri, opts):
-        run = json.loads(storage.read_bytes(run_uri, opts))
-        if run["input"] != req.input or run["settings"] != wanted:
+        run = RunPlan.from_dict(json.loads(storage.read_bytes(run_uri, opts)))
+        if run.input != req.input or run.settings != wanted:
             raise JobError(
-                f"{req.out} holds a job of {run['input']} with {run['settings']}; this one is {req.input} with {wanted}. "
+                f"{req.out} holds a job of {run.input} with {run.settings}; this one is {req.input} with {wanted}. "
                 "Rerun with the same input and options to resume it, or choose another --out."
             )
-        if storage.size(run["manifest"], opts) != run["manifest_size"]:
+        if storage.size(run.manifest, opts) != run.manifest_size:
             raise JobError(
-                f"{run['manifest']} changed since this job started; the finished parts would not match it. "
+                f"{run.manifest} changed since this job started; the finished parts would not match it. "
                 "Choose another --out for the new manifest."
             )
         return run
-    if clips.is_manifest(req.input):
+    if is_manifest(req.input):
         if not storage.exists(req.input, opts):
             raise JobError(f"{req.input}: no such manifest; check the path")
         manifest = req.input if storage.is_remote(req.input) else _abspath(req.input)
@@ -130,28 +195,34 @@ def _prepare_run(req: TranscribeRequest) -> dict[str, Any]:
             raise clips.InputError(f"{manifest}: the manifest is empty; give it one JSON object per line")
     except (clips.InputError, storage.StorageError) as exc:
         raise JobError(str(exc)) from None
-    run = {
-        "run_id": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6],
-        "input": req.input,
-        "manifest": manifest,
-        "manifest_size": size,
-        "shard_bytes": shard_bytes,
-        "settings": wanted,
-        "started_at": dt.datetime.now(dt.UTC).isoformat(),
-    }
-    storage.write_bytes(run_uri, json.dumps(run, indent=2).encode(), opts)
+    run = RunPlan(
+        run_id=dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6],
+        input=req.input,
+        manifest=manifest,
+        manifest_size=size,
+        shard_bytes=shard_bytes,
+        settings=wanted,
+        started_at=dt.datetime.now(dt.UTC).isoformat(),
+    )
+    storage.write_bytes(run_uri, json.dumps(asdict(run), indent=2).encode(), opts)
     return run
 
 
 def _process(
-    req: TranscribeRequest, settings: JobSettings, pending: list[clips.Shard], run: dict, stats: _RunStats
+    req: TranscribeRequest,
+    settings: JobSettings,
+    pending: list[clips.Shard],
+    run: RunPlan,
+    *,
+    resumed: bool,
+    stats: RunStats,
 ) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from cluster.runtime import connect, plan_actors
+    from cluster.runtime import plan_actors, require_ray
 
-    connect(req.address, quiet=True)
+    require_ray()
     resources = ray.cluster_resources()
     plan = plan_actors(
         actors=req.actors,
@@ -183,13 +254,9 @@ def _process(
         # naming it here is deprecated in Ray 2.60
     )
     committer = ShardCommitter(req.out, options=settings.storage)
-    total_items, total_audio = _totals(run, req.settings.storage)
-    prior = (
-        _finished_so_far(req.out, settings.storage)
-        if len(pending) < len(run_shards(run, settings.storage))
-        else _RunStats()
-    )
-    with _Progress(
+    total_items, total_audio = clips.count_lines(run.manifest, settings.storage)
+    prior = _finished_so_far(req.out, settings.storage) if resumed else RunStats()
+    with Progress(
         quiet=req.quiet, total_audio_s=total_audio, total_items=total_items, plan=plan.describe(), prior=prior
     ) as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
@@ -228,151 +295,57 @@ class _TranscribeActor:
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         rows = self.thread.submit(self.stage.process_rows, rows_of(batch)).result()
         for row in rows:
-            row["node"] = self.node
+            row[NODE] = self.node
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
-@dataclass
-class _RunStats:
-    rows: int = 0
-    ok: int = 0
-    errors: int = 0
-    audio_s: float = 0.0
-    items: int = 0
-    nodes: Counter[str] = field(default_factory=Counter)
-
-    def add(self, batch: pa.Table) -> None:
-        self.nodes.update(batch.column("node").to_pylist())
-        status = batch.column("status").to_pylist()
-        durations = batch.column("duration_s").to_pylist()
-        self.rows += batch.num_rows
-        self.ok += sum(1 for s in status if s == STATUS_OK)
-        self.errors += sum(1 for s in status if s != STATUS_OK)
-        self.audio_s += sum(d or 0.0 for s, d in zip(status, durations, strict=True) if s == STATUS_OK)
-        segs = batch.column("segment_index").to_pylist()
-        self.items += sum(1 for k in segs if k == 0)
-
-
-def _totals(run: dict, opts: storage.StorageOptions) -> tuple[int, float | None]:
-    if "total_items" not in run:
-        run["total_items"], run["total_audio_s"] = clips.count_lines(run["manifest"], opts)
-    return run["total_items"], run["total_audio_s"]
-
-
-class _Progress:
-    """A progress bar in audio hours with the running RTFx and an ETA (clips when durations are unknown)."""
-
-    def __init__(
-        self, *, quiet: bool, total_audio_s: float | None, total_items: int, plan: str, prior: _RunStats
-    ) -> None:
-        self.quiet = quiet
-        self.prior = prior
-        self.total_audio_s = total_audio_s
-        self.total_items = total_items
-        self.plan = plan
-        self.t0 = time.perf_counter()
-
-    def __enter__(self) -> _Progress:
-        if self.quiet:
-            return self
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]transcribing[/bold]"),
-            BarColumn(),
-            TextColumn("{task.fields[audio]}"),
-            TextColumn("RTFx {task.fields[rtfx]}"),
-            TextColumn("ETA {task.fields[eta]}"),
-            TextColumn("{task.fields[clips]}"),
-            TimeElapsedColumn(),
-            transient=False,
-        )
-        self.progress.start()
-        self.progress.console.print(f"[dim]{self.plan}[/dim]")
-        total = self.total_audio_s if self.total_audio_s else self.total_items
-        self.task = self.progress.add_task("t", total=total, audio="", rtfx="-", eta="-", clips="")
-        return self
-
-    def update(self, stats: _RunStats) -> None:
-        if self.quiet:
-            return
-        wall = time.perf_counter() - self.t0
-        rtfx = stats.audio_s / wall if wall > 0 else 0.0  # this run's speed
-        audio_s, items = stats.audio_s + self.prior.audio_s, stats.items + self.prior.items
-        if self.total_audio_s:
-            done, total = audio_s, self.total_audio_s
-            eta_s = (total - done) / rtfx if rtfx > 0 else None
-            audio = f"{audio_s / 3600:.3f}/{total / 3600:.3f} h audio"
-        else:
-            done, total = items, self.total_items
-            rate = stats.items / wall if wall > 0 else 0.0
-            eta_s = (total - done) / rate if rate > 0 else None
-            audio = f"{audio_s / 3600:.3f} h audio"
-        eta = "-" if eta_s is None else str(dt.timedelta(seconds=int(max(0, eta_s))))
-        self.progress.update(
-            self.task,
-            completed=min(done, total),
-            audio=audio,
-            rtfx=f"{rtfx:.0f}",
-            eta=eta,
-            clips=f"{items}/{self.total_items} clips, {stats.errors + self.prior.errors} errors",
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.quiet:
-            if exc[0] is None:  # silences cut out of long recordings never count as audio: fill the bar
-                self.progress.update(self.task, completed=self.progress.tasks[0].total, eta="0:00:00")
-            self.progress.stop()
-
-
 def write_summary(
-    out: str, *, run: dict[str, Any], stats: _RunStats, wall_s: float, options: storage.StorageOptions | None
-) -> dict[str, Any]:
+    out: str, *, run: RunPlan, stats: RunStats, wall_s: float, options: storage.StorageOptions | None
+) -> TranscribeSummary:
     """Summarize every part in ``out`` (not only this run's) into ``_earmark/summary.json``."""
     import numpy as np
     import pyarrow.dataset as pads
 
     fs, root = storage.pyarrow_filesystem(out, options)
+    columns = [COL.clip_id, COL.item_id, COL.status, COL.error, COL.duration_s, COL.lang_detected, COL.confidence]
     table = pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
-        columns=["clip_id", "item_id", "status", "error", "duration_s", "lang_detected", "confidence", "model_id"]
+        columns=[*columns, COL.model_id]
     )
-    status = table.column("status").to_pylist()
-    ok = [s == STATUS_OK for s in status]
-    durations = table.column("duration_s").to_pylist()
+    ok = [s == STATUS_OK for s in table.column(COL.status).to_pylist()]
+    durations = table.column(COL.duration_s).to_pylist()
     audio_s = sum(d or 0.0 for d, k in zip(durations, ok, strict=True) if k)
-    langs = Counter(lang for lang, k in zip(table.column("lang_detected").to_pylist(), ok, strict=True) if k)
-    conf = np.array([c for c in table.column("confidence").to_pylist() if c is not None], dtype=float)
-    errors = [e for e, k in zip(table.column("error").to_pylist(), ok, strict=True) if not k]
-    ids = table.column("clip_id").to_pylist()
-    summary = {
-        "input": run["input"],
-        "out": out,
-        "run_id": run["run_id"],
-        "model_ids": sorted(set(m for m in table.column("model_id").to_pylist() if m)),
-        "settings": run["settings"],
-        "rows": table.num_rows,
-        "unique_clip_ids": len(set(ids)),
-        "items": len(set(table.column("item_id").to_pylist())),
-        "clips_ok": sum(ok),
-        "clips_error": len(ok) - sum(ok),
-        "audio_hours": audio_s / 3600,
-        "per_language": {str(k): v for k, v in sorted(langs.items(), key=lambda kv: -kv[1])},
-        "confidence_quantiles": (
+    langs = Counter(lang for lang, k in zip(table.column(COL.lang_detected).to_pylist(), ok, strict=True) if k)
+    conf = np.array([c for c in table.column(COL.confidence).to_pylist() if c is not None], dtype=float)
+    errors = [e for e, k in zip(table.column(COL.error).to_pylist(), ok, strict=True) if not k]
+    summary = TranscribeSummary(
+        input=run.input,
+        out=out,
+        run_id=run.run_id,
+        model_ids=sorted({m for m in table.column(COL.model_id).to_pylist() if m}),
+        settings=run.settings,
+        rows=table.num_rows,
+        unique_clip_ids=len(set(table.column(COL.clip_id).to_pylist())),
+        items=len(set(table.column(COL.item_id).to_pylist())),
+        clips_ok=sum(ok),
+        clips_error=len(ok) - sum(ok),
+        audio_hours=audio_s / 3600,
+        per_language={str(k): v for k, v in sorted(langs.items(), key=lambda kv: -kv[1])},
+        confidence_quantiles=(
             {f"p{int(q * 100):02d}": float(np.quantile(conf, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
             if len(conf)
             else {}
         ),
-        "error_examples": errors[:5],
-        "this_run": {
-            "rows_transcribed": stats.rows,
-            "audio_hours": stats.audio_s / 3600,
-            "wall_s": wall_s,
-            "rtfx": stats.audio_s / wall_s if wall_s > 0 else 0.0,
-            "clips_per_node": dict(stats.nodes),
-        },
-        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-    }
-    storage.write_bytes(join(out, META_DIR, "summary.json"), json.dumps(summary, indent=2).encode(), options)
+        error_examples=errors[:5],
+        this_run=RunFigures(
+            rows_transcribed=stats.rows,
+            audio_hours=stats.audio_s / 3600,
+            wall_s=wall_s,
+            rtfx=stats.audio_s / wall_s if wall_s > 0 else 0.0,
+            clips_per_node=dict(stats.nodes),
+        ),
+        finished_at=dt.datetime.now(dt.UTC).isoformat(),
+    )
+    storage.write_bytes(join(out, META_DIR, "summary.json"), json.dumps(summary.to_dict(), indent=2).encode(), options)
     return summary
 
 
@@ -389,10 +362,6 @@ def _model_sha(spec: str) -> str | None:
     except ModelLoadError as exc:  # fail before starting Ray, not inside an actor
         raise JobError(str(exc)) from None
     return file_sha256(path) if isinstance(path, Path) else None
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _abspath(path: str) -> str:

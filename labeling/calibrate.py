@@ -13,32 +13,15 @@ they are pessimistic for the confident end; review a random sample too for an un
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 
-from labeling.export import TAG_RE
+from labeling.export import DROP_FLAGS
 from labeling.models import Clip, Review, Task
 from labeling.queue import ReviewQueue
-
-PUNCT_RE = re.compile(r"[^\w\s']")
-
-
-def normalize(text: str) -> list[str]:
-    return PUNCT_RE.sub(" ", TAG_RE.sub(" ", text or "").lower()).split()
-
-
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(edit operations, reference words) after lower-casing and dropping punctuation and tags."""
-    import jiwer
-
-    ref, hyp = normalize(reference), normalize(hypothesis)
-    if not ref:
-        return len(hyp), 0
-    out = jiwer.process_words(" ".join(ref), " ".join(hyp) or "")
-    return out.substitutions + out.deletions + out.insertions, len(ref)
+from records.text import word_errors
 
 
 @dataclass
@@ -87,7 +70,7 @@ def calibrate(queue: ReviewQueue, project: str, *, target_wer: float = 0.05) -> 
             .order_by(Review.id)
         ).all()
     for lang, conf, text, corrected, lang_after, flags in rows:
-        if conf is None or {"unusable_audio", "not_speech"} & set(flags or ()):
+        if conf is None or DROP_FLAGS & set(flags or ()):
             continue
         key = lang_after or lang or "-"
         cal = per_lang.setdefault(key, LanguageCalibration(key))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +28,10 @@ from sqlalchemy import select
 
 from labeling.models import Clip, Review, Task
 from labeling.queue import ReviewQueue
+from records.manifest import ORIGIN_PSEUDO, ORIGIN_REVIEW, ManifestEntry, to_line
+from records.text import tag_text
 
-TAG_RE = re.compile(r"<[a-z]{2,3}(?:-[A-Za-z]{2,4})?>")
-SENTENCE_END_RE = re.compile(r"([.?!])(?=\s|$)")
+#: Review flags that keep a clip out of every export.
 DROP_FLAGS = {"unusable_audio", "not_speech"}
 
 
@@ -49,15 +49,6 @@ def in_dev(clip_id: str, fraction: float) -> bool:
     """Deterministic: the same clip lands in the same split on every export."""
     bucket = int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return bucket < fraction
-
-
-def tag_text(text: str, lang: str | None) -> str:
-    """``"Hola. Que tal?"`` + ``es-ES`` -> ``"Hola. <es-ES> Que tal? <es-ES>"``; tagged text is kept."""
-    text = " ".join(text.split())
-    if not lang or TAG_RE.search(text) or not text:
-        return text
-    tagged = SENTENCE_END_RE.sub(lambda m: f"{m.group(1)} <{lang}>", text)
-    return tagged if tagged.endswith(">") else f"{tagged} <{lang}>"
 
 
 def export_manifests(
@@ -81,17 +72,17 @@ def export_manifests(
                     if DROP_FLAGS & set(review.flags or ()):
                         continue
                     lang = review.lang_after or clip.lang_detected or _requested(clip)
-                    row = _row(clip, tag_text(review.text_after or "", lang), lang, "review")
+                    entry = _entry(clip, tag_text(review.text_after or "", lang), lang, ORIGIN_REVIEW)
                     split = "dev" if in_dev(clip.clip_id, options.dev_fraction) else "train"
                 elif clip.decision == "accept" and options.include_pseudo:
                     if options.min_confidence is not None and (clip.confidence or 0.0) < options.min_confidence:
                         continue
-                    row = _row(clip, clip.text_raw or "", clip.lang_detected or _requested(clip), "pseudo")
+                    entry = _entry(clip, clip.text_raw or "", clip.lang_detected or _requested(clip), ORIGIN_PSEUDO)
                     split = "train"
                 else:
                     continue
-                (dev if split == "dev" else train).write(json.dumps(row, ensure_ascii=False) + "\n")
-                counts[(split, row["origin"], row["target_lang"] or "-")] += 1
+                (dev if split == "dev" else train).write(to_line(entry) + "\n")
+                counts[(split, entry.origin or "-", entry.target_lang or "-")] += 1
     for name in ("train", "dev"):
         (out / f"{name}.jsonl.part").replace(out / f"{name}.jsonl")
     summary: dict[str, Any] = {"project": project, "out": str(out), "options": asdict(options)}
@@ -116,13 +107,13 @@ def _requested(clip: Clip) -> str | None:
     return clip.lang_requested if clip.lang_requested and clip.lang_requested != "auto" else None
 
 
-def _row(clip: Clip, text: str, lang: str | None, origin: str) -> dict[str, Any]:
-    return {
-        "audio_filepath": clip.source_uri,
-        "offset": clip.offset_s,
-        "duration": clip.duration_s,
-        "text": text,
-        "target_lang": lang,
-        "clip_id": clip.clip_id,
-        "origin": origin,
-    }
+def _entry(clip: Clip, text: str, lang: str | None, origin: str) -> ManifestEntry:
+    return ManifestEntry(
+        audio_filepath=clip.source_uri,
+        offset=clip.offset_s,
+        duration=clip.duration_s,
+        text=text,
+        target_lang=lang,
+        clip_id=clip.clip_id,
+        origin=origin,
+    )

@@ -2,19 +2,25 @@
 
 Two streaming passes over the Parquet table (a file, a folder of parts, local or ``s3://``):
 
-1. every row is checked against the policy; only the review candidates' ``(clip_id, language,
-   confidence)`` are kept, and the review budget picks among them;
-2. rows go to the database in batches: new clips are inserted in bulk, clips whose label did not
-   change are left alone (routing the same table twice changes nothing), clips with a newer label
-   are updated with the old one appended to ``label_history``; review tasks are created for the
-   routed clips that have none. Reviews already done are never touched.
+1. every row is decided by the policy (:func:`labeling.policy.decide`); the decisions that are
+   not plain accepts are kept, and the review budget (:func:`labeling.policy.budget_keep`) picks
+   among the review candidates;
+2. rows go to the database in batches, each with its decision within the budget
+   (:func:`labeling.policy.within_budget`): new clips are inserted in bulk, clips whose label did
+   not change are left alone (routing the same table twice changes nothing), clips with a newer
+   label are updated with the old one appended to ``label_history``; review tasks are created for
+   the routed clips that have none. Reviews already done are never touched.
+
+With :mod:`labeling.queue` this is one of the two modules that write the review database: this
+one writes routed clips, runs and new tasks in bulk; the queue writes everything reviewers and
+admins do.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -23,15 +29,11 @@ from sqlalchemy.dialects import postgresql
 
 from cluster import storage
 from labeling.models import Clip, Run, Task, utcnow
-from labeling.policy import ACCEPT, REJECT, REVIEW, Decision, Policy, budget_keep, check
+from labeling.policy import ACCEPT, REVIEW, Decision, Policy, budget_keep, decide, priority, within_budget
 from labeling.queue import ReviewQueue
+from records.pseudo_labels import COLUMNS, PseudoLabel, from_table
 
 log = logging.getLogger(__name__)
-
-LABEL_COLUMNS = (
-    "clip_id", "item_id", "source_uri", "offset_s", "duration_s", "status", "error", "text", "text_raw",
-    "lang_requested", "lang_detected", "confidence", "sentences", "words", "model_id", "run_id",
-)  # fmt: skip
 
 
 @dataclass
@@ -41,32 +43,23 @@ class RouteReport:
     updated: int = 0
     unchanged: int = 0
     tasks_created: int = 0
-    decisions: dict[str, int] | None = None
+    decisions: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-POLICY_COLUMNS = (
-    "clip_id", "status", "error", "text", "duration_s", "lang_requested", "lang_detected", "confidence",
-    "sentences", "words",
-)  # fmt: skip
-
-
 def read_batches(
-    source: str,
-    *,
-    batch_rows: int,
-    options: storage.StorageOptions | None = None,
-    columns: tuple[str, ...] = LABEL_COLUMNS,
-) -> Iterator[list[dict]]:
-    """Rows of the pseudo-label table at ``source`` in lists of ``batch_rows`` (streamed)."""
+    source: str, *, batch_rows: int, options: storage.StorageOptions | None = None
+) -> Iterator[list[PseudoLabel]]:
+    """The pseudo-label table at ``source`` in lists of ``batch_rows`` records (streamed)."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
     fs, path = storage.pyarrow_filesystem(source, options)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    for batch in dataset.to_batches(columns=list(columns), batch_size=batch_rows):
-        yield batch.to_pylist()
+    for batch in dataset.to_batches(batch_size=batch_rows):
+        yield from_table(pa.Table.from_batches([batch]))
 
 
 def route_table(
@@ -78,40 +71,35 @@ def route_table(
     batch_rows: int = 10_000,
     options: storage.StorageOptions | None = None,
 ) -> RouteReport:
-    report = RouteReport(decisions={})
+    report = RouteReport()
     # pass 1: the budget needs every review candidate before any is chosen. The verdicts of the
     # rows that are not plainly accepted are kept for pass 2 (accepted rows, the bulk, cost nothing).
-    candidates: list[Decision] = []
-    verdicts: dict[str, tuple[str, tuple[str, ...]]] = {}
+    verdicts: dict[str, Decision] = {}
     total = 0
-    for rows in read_batches(source, batch_rows=batch_rows, options=options, columns=POLICY_COLUMNS):
-        total += len(rows)
-        for row in rows:
-            decision, reasons = check(row, policy)
-            if decision != ACCEPT:
-                verdicts[row["clip_id"]] = decision, reasons
-            if decision == REVIEW:
-                candidates.append(Decision(row["clip_id"], REVIEW, (), row.get("lang_detected"), _priority(row)))
-    kept = budget_keep(candidates, total=total, policy=policy)
-    del candidates
+    for labels in read_batches(source, batch_rows=batch_rows, options=options):
+        total += len(labels)
+        for label in labels:
+            decision = decide(label, policy)
+            if decision.decision != ACCEPT:
+                verdicts[label.clip_id] = decision
+    kept = budget_keep((d for d in verdicts.values() if d.decision == REVIEW), total=total, policy=policy)
     # pass 2: write
     with queue.Session.begin() as s:
         pid = queue.project_id(s, project, create=True)
     runs: dict[str, int] = {}
-    for rows in read_batches(source, batch_rows=batch_rows, options=options):
+    for labels in read_batches(source, batch_rows=batch_rows, options=options):
         with queue.Session.begin() as s:
-            for row in rows:
-                run_id = row["run_id"]
-                if run_id not in runs:
-                    runs[run_id] = _run_pk(s, pid, run_id, row.get("model_id"), source)
-            _write_batch(s, pid, rows, verdicts, kept, runs, report)
-        report.rows += len(rows)
+            for label in labels:
+                if label.run_id not in runs:
+                    runs[label.run_id] = _run_pk(s, pid, label.run_id, label.model_id, source)
+            decisions = [within_budget(verdicts.get(label.clip_id) or _accepted(label), kept) for label in labels]
+            _write_batch(s, pid, labels, decisions, runs, report)
+        report.rows += len(labels)
     return report
 
 
-def _priority(row: dict) -> float:
-    conf = row.get("confidence")
-    return -1.0 if conf is None else float(conf)
+def _accepted(label: PseudoLabel) -> Decision:
+    return Decision(label.clip_id, ACCEPT, (), label.lang_detected, priority(label))
 
 
 def _run_pk(s: Any, pid: int, run_id: str, model_id: str | None, source: str) -> int:
@@ -135,14 +123,13 @@ def _in(column: Any, values: list[Any], dialect: str) -> Any:
 def _write_batch(
     s: Any,
     pid: int,
-    rows: list[dict],
-    verdicts: dict[str, tuple[str, tuple[str, ...]]],
-    kept: set[str],
+    labels: list[PseudoLabel],
+    decisions: list[Decision],
     runs: dict[str, int],
     report: RouteReport,
 ) -> None:
     dialect = s.bind.dialect.name
-    ids = [r["clip_id"] for r in rows]
+    ids = [label.clip_id for label in labels]
     existing = {
         cid: (pk, run_pk, text_raw, decision, reasons)
         for cid, pk, run_pk, text_raw, decision, reasons in s.execute(
@@ -151,24 +138,22 @@ def _write_batch(
             )
         )
     }
-    new_rows, review_ids = [], []
+    new_rows, review = [], {}
     now = utcnow()
-    for row in rows:
-        decision, reasons = verdicts.get(row["clip_id"], (ACCEPT, ()))
-        if decision == REVIEW and row["clip_id"] not in kept:
-            decision, reasons = REJECT, (*reasons, "over the review budget")
-        report.decisions[decision] = report.decisions.get(decision, 0) + 1  # type: ignore[index]
-        run_pk = runs[row["run_id"]]
-        old = existing.get(row["clip_id"])
+    for label, verdict in zip(labels, decisions, strict=True):
+        decision, reasons = verdict.decision, list(verdict.reasons)
+        report.decisions[decision] = report.decisions.get(decision, 0) + 1
+        run_pk = runs[label.run_id]
+        old = existing.get(label.clip_id)
         if old is None:
-            new_rows.append(_clip_values(row, pid, run_pk, decision, list(reasons), now))
+            new_rows.append(_clip_values(label, pid, run_pk, decision, reasons, now))
             report.inserted += 1
-        elif old[1] == run_pk and old[2] == row["text_raw"]:
-            if old[3] == decision and list(old[4] or ()) == list(reasons):
+        elif old[1] == run_pk and old[2] == label.text_raw:
+            if old[3] == decision and list(old[4] or ()) == reasons:
                 report.unchanged += 1
             else:  # same label, another verdict (the policy or the budget changed)
                 clip = s.get_one(Clip, old[0])
-                clip.decision, clip.reasons = decision, list(reasons)
+                clip.decision, clip.reasons = decision, reasons
                 report.updated += 1
         else:  # a newer label: the old one goes to the history
             clip = s.get_one(Clip, old[0])
@@ -181,29 +166,28 @@ def _write_batch(
                     "confidence": clip.confidence,
                 }
             )
-            for key, value in _clip_values(row, pid, run_pk, decision, list(reasons), now).items():
+            for key, value in _clip_values(label, pid, run_pk, decision, reasons, now).items():
                 setattr(clip, key, value)
             clip.label_history = history
             report.updated += 1
         if decision == REVIEW:
-            review_ids.append(row["clip_id"])
+            review[label.clip_id] = (label, verdict)
     if new_rows:
         bulk_insert(s, Clip, new_rows)
-    if review_ids:
+    if review:
         pks = dict(
             s.execute(
-                select(Clip.clip_id, Clip.id).where(Clip.project_id == pid, _in(Clip.clip_id, review_ids, dialect))
+                select(Clip.clip_id, Clip.id).where(Clip.project_id == pid, _in(Clip.clip_id, list(review), dialect))
             ).all()
         )
         have = set(s.scalars(select(Task.clip_pk).where(_in(Task.clip_pk, list(pks.values()), dialect))))
-        by_id = {r["clip_id"]: r for r in rows}
         tasks = [
             {
                 "project_id": pid,
                 "clip_pk": pk,
                 "state": "open",
-                "lang": by_id[cid].get("lang_detected") or by_id[cid].get("lang_requested"),
-                "priority": _priority(by_id[cid]),
+                "lang": review[cid][0].lang_detected or review[cid][0].lang_requested,
+                "priority": review[cid][1].task_priority,
                 "version": 0,
                 "created_at": now,
                 "updated_at": now,
@@ -234,27 +218,20 @@ def bulk_insert(s: Any, model: Any, rows: list[dict[str, Any]]) -> None:
             )
 
 
-def _clip_values(row: dict, pid: int, run_pk: int, decision: str, reasons: list, now: Any) -> dict[str, Any]:
-    return {
+def _clip_values(
+    label: PseudoLabel, pid: int, run_pk: int, decision: str, reasons: list[str], now: Any
+) -> dict[str, Any]:
+    """The ``clips`` row of a routed pseudo-label: the label's fields the table keeps, by name."""
+    row = label.to_row()
+    return {name: row[name] for name in _LABEL_FIELDS} | {
         "project_id": pid,
-        "clip_id": row["clip_id"],
-        "item_id": row["item_id"],
-        "source_uri": row["source_uri"],
-        "offset_s": row["offset_s"],
-        "duration_s": row["duration_s"],
-        "status": row["status"],
-        "error": row["error"],
-        "text": row["text"],
-        "text_raw": row["text_raw"],
-        "lang_requested": row["lang_requested"],
-        "lang_detected": row["lang_detected"],
-        "confidence": row["confidence"],
-        "sentences": row["sentences"] or [],
-        "words": row["words"] or [],
-        "model_id": row["model_id"],
         "run_pk": run_pk,
         "decision": decision,
         "reasons": reasons,
         "label_history": [],
         "updated_at": now,
     }
+
+
+#: The pseudo-label fields the ``clips`` table keeps (its columns named like the record's).
+_LABEL_FIELDS = tuple(c.name for c in Clip.__table__.columns if c.name in COLUMNS)

@@ -1,13 +1,11 @@
 """Routing: which pseudo-labels are trusted, which a person must check, which are kept out.
 
-A pure policy over rows of the pseudo-label table (plain dicts, as ``pyarrow`` gives them):
+Pure functions over records of the pseudo-label table (:class:`records.pseudo_labels.PseudoLabel`);
+``earmark route`` (:mod:`labeling.ingest`) runs exactly these, row by row and then the budget:
 
->>> policy = Policy()
->>> row = {"clip_id": "a", "status": "ok", "text": "Hola amigo.", "duration_s": 1.2, "confidence": 0.9,
-...        "lang_requested": "auto", "lang_detected": "es-ES", "sentences": [{"lang": "es-ES"}],
-...        "words": [{"word": "Hola", "confidence": 0.9}, {"word": "amigo.", "confidence": 0.95}]}
->>> route([row], policy)[0].decision
-'accept'
+>>> labels = from_table(pyarrow.parquet.read_table("labels/"))          # doctest: +SKIP
+>>> [d.decision for d in route(labels, Policy())]                        # doctest: +SKIP
+['accept', 'review', 'reject', ...]
 
 Rules (each failing rule adds a reason; any reason sends the row to review):
 
@@ -20,8 +18,9 @@ Rules (each failing rule adds a reason; any reason sends the row to review):
   second outside ``chars_per_s``, an empty transcript on ``min_voiced_s`` or more of audio.
 
 Then the **review budget**: at most ``max_per_language`` rows per language and ``max_fraction``
-of all rows go to review, least confident first (ties by ``clip_id``, so the result never depends
-on input order); rows over the budget are rejected (unverified and suspicious: not for training).
+of all rows go to review, least confident first (a row without a confidence before every other;
+ties by ``clip_id``, so the result never depends on input order); rows over the budget are
+rejected (unverified and suspicious: not for training).
 """
 
 from __future__ import annotations
@@ -29,10 +28,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from records.pseudo_labels import PseudoLabel
+
 ACCEPT, REVIEW, REJECT = "accept", "review", "reject"
+OVER_BUDGET = "over the review budget"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,39 +85,53 @@ class Decision:
     reasons: tuple[str, ...]
     #: The language the budget counts the row under.
     lang: str | None
-    #: Lower = more urgent (the utterance confidence; errors and empty rows first).
-    priority: float
+    #: Lower = more urgent: the utterance confidence; None (no confidence) before everything.
+    priority: float | None
+
+    @property
+    def task_priority(self) -> float:
+        """The review task's order key: the priority, a clip without a confidence as 0 (the least
+        confident a clip can be)."""
+        return 0.0 if self.priority is None else self.priority
 
 
-def check(row: Mapping[str, Any], policy: Policy) -> tuple[str, tuple[str, ...]]:
+def priority(label: PseudoLabel) -> float | None:
+    """How urgent a review of ``label`` is: its utterance confidence (None when it has none)."""
+    conf = label.confidence
+    return None if conf is None or math.isnan(conf) else float(conf)
+
+
+def decide(label: PseudoLabel, policy: Policy) -> Decision:
+    """The decision for one row before the budget, with its reasons and priority."""
+    decision, reasons = check(label, policy)
+    return Decision(label.clip_id, decision, reasons, label.lang_detected, priority(label))
+
+
+def check(label: PseudoLabel, policy: Policy) -> tuple[str, tuple[str, ...]]:
     """The decision for one row before the budget, and why."""
-    if row.get("status") != "ok":
-        return REJECT, (f"error: {row.get('error') or 'unknown'}",)
+    if not label.ok:
+        return REJECT, (f"error: {label.error or 'unknown'}",)
     reasons: list[str] = []
-    text = (row.get("text") or "").strip()
-    duration = float(row.get("duration_s") or 0.0)
-    lang = row.get("lang_detected")
-    conf = row.get("confidence")
+    text = (label.text or "").strip()
+    duration = float(label.duration_s or 0.0)
+    lang = label.lang_detected
+    conf = priority(label)
     if conf is not None and conf < policy.threshold(lang):
         reasons.append(f"confidence {conf:.2f} < {policy.threshold(lang):.2f} ({lang or 'no language'})")
-    low = [
-        w
-        for w in row.get("words") or ()
-        if w.get("confidence") is not None and w["confidence"] < policy.word_confidence
-    ]
+    low = [w for w in label.words if w.confidence < policy.word_confidence]
     if low:
-        worst = min(low, key=lambda w: w["confidence"])
+        worst = min(low, key=lambda w: w.confidence)
         reasons.append(
-            f"{len(low)} word(s) under {policy.word_confidence:.2f} (lowest {worst['word']!r} {worst['confidence']:.2f})"
+            f"{len(low)} word(s) under {policy.word_confidence:.2f} (lowest {worst.word!r} {worst.confidence:.2f})"
         )
     if not text:
         if duration >= policy.min_voiced_s:
             reasons.append(f"empty transcript on {duration:.1f} s of audio")
         return (REVIEW if reasons else ACCEPT), tuple(reasons)
-    langs = [s.get("lang") for s in row.get("sentences") or ()]
+    langs = label.sentence_langs
     if not any(langs):
         reasons.append("no language tag")
-    requested = row.get("lang_requested")
+    requested = label.lang_requested
     if requested and requested != "auto" and lang and lang != requested:
         reasons.append(f"language {lang} detected, {requested} requested")
     distinct = sorted({x for x in langs if x})
@@ -132,31 +148,27 @@ def check(row: Mapping[str, Any], policy: Policy) -> tuple[str, tuple[str, ...]]
     return (REVIEW if reasons else ACCEPT), tuple(reasons)
 
 
-def route(rows: Iterable[Mapping[str, Any]], policy: Policy) -> list[Decision]:
-    """Decisions for ``rows`` (in their order), the review budget applied."""
-    decisions = []
-    for row in rows:
-        decision, reasons = check(row, policy)
-        conf = row.get("confidence")
-        priority = -1.0 if conf is None or (isinstance(conf, float) and math.isnan(conf)) else float(conf)
-        decisions.append(Decision(row["clip_id"], decision, reasons, row.get("lang_detected"), priority))
-    return apply_budget(decisions, policy)
+def route(labels: Iterable[PseudoLabel], policy: Policy) -> list[Decision]:
+    """Decisions for ``labels`` (in their order), the review budget applied."""
+    return apply_budget([decide(label, policy) for label in labels], policy)
 
 
 def apply_budget(decisions: Sequence[Decision], policy: Policy) -> list[Decision]:
     """Keep the least confident reviews within the budget; the rest become rejects."""
     kept = budget_keep([d for d in decisions if d.decision == REVIEW], total=len(decisions), policy=policy)
-    return [
-        Decision(d.clip_id, REJECT, (*d.reasons, "over the review budget"), d.lang, d.priority)
-        if d.decision == REVIEW and d.clip_id not in kept
-        else d
-        for d in decisions
-    ]
+    return [within_budget(d, kept) for d in decisions]
+
+
+def within_budget(decision: Decision, kept: set[str]) -> Decision:
+    """``decision`` once the budget has chosen ``kept``: a review it did not keep becomes a reject."""
+    if decision.decision != REVIEW or decision.clip_id in kept:
+        return decision
+    return replace(decision, decision=REJECT, reasons=(*decision.reasons, OVER_BUDGET))
 
 
 def budget_keep(reviews: Iterable[Decision], *, total: int, policy: Policy) -> set[str]:
     """The ``clip_id`` s of ``reviews`` that fit the budget (``total`` = all rows routed)."""
-    reviews = sorted(reviews, key=lambda d: (d.priority, d.clip_id))
+    reviews = sorted(reviews, key=lambda d: (d.priority is not None, d.priority or 0.0, d.clip_id))
     overall = math.inf if policy.max_fraction is None else math.floor(policy.max_fraction * total)
     per_lang: Counter[str | None] = Counter()
     kept: set[str] = set()

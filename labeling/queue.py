@@ -1,4 +1,6 @@
-"""Queue operations: the one module that writes the review database (the web app and CLI use it).
+"""Queue operations: everything reviewers and admins do to the review database (the web app and
+the CLI call these; with :mod:`labeling.ingest`, which writes routed clips in bulk, the only
+modules that write it).
 
 >>> q = ReviewQueue.connect("sqlite:///review.db")                     # doctest: +SKIP
 >>> reviewer, token = q.add_reviewer("ana")                              # doctest: +SKIP
@@ -25,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from labeling.db import make_engine, sessions, upgrade
 from labeling.models import Clip, Project, Review, Reviewer, Task, utcnow
+from records.text import normalize
 
 FLAGS = ("unusable_audio", "not_speech", "wrong_language", "partial")
 ROLES = ("reviewer", "admin")
@@ -289,7 +292,7 @@ class ReviewQueue:
                 p["submits"] += 1
                 if (name, task_id) in claimed_at:
                     p["seconds"].append((_aware(at) - _aware(claimed_at.pop((name, task_id)))).total_seconds())
-                texts.setdefault(clip_pk, {})[name] = _norm(text_after or "")
+                texts.setdefault(clip_pk, {})[name] = normalize(text_after or "")
             elif action == "skip":
                 p["skips"] += 1
         reviewers = {}
@@ -455,10 +458,6 @@ def _free(task: Task) -> None:
 def _aware(at: dt.datetime) -> dt.datetime:
     """SQLite gives naive datetimes back; they were written in UTC."""
     return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
-
-
-def _norm(text: str) -> str:
-    return " ".join("".join(ch for ch in text.lower() if ch.isalnum() or ch.isspace()).split())
 
 
 def expire_before(now: dt.datetime | None = None) -> Any:

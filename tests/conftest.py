@@ -22,9 +22,9 @@ def engine():
 @pytest.fixture(scope="session")
 def corpus() -> list[dict]:
     """The sample corpus manifest (short clips and long recordings), paths made absolute."""
-    from asr.demo.corpus import load_manifest
+    from demo.corpus import load_manifest
 
-    return load_manifest()
+    return [entry.to_dict() for entry in load_manifest()]
 
 
 @pytest.fixture(scope="session")

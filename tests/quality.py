@@ -1,6 +1,6 @@
 """Marks the tests that need a demo model good enough to transcribe the corpus.
 
-The bundled model's card (``asr/demo/demo-model.json``) says whether it meets its targets. While it
+The bundled model's card (``demo/demo-model.json``) says whether it meets its targets. While it
 does not, these tests are expected to fail, and strictly: once a model that meets the targets is
 installed with its card, they must pass, and a model whose card overstates it fails them.
 """
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from asr.demo.card import CARD_JSON
+from demo.card import CARD_JSON
 
 
 def demo_model_meets_targets() -> bool:
@@ -23,6 +23,6 @@ def demo_model_meets_targets() -> bool:
 
 needs_accurate_model = pytest.mark.xfail(
     not demo_model_meets_targets(),
-    reason="the bundled demo model does not meet its card's targets yet (asr/demo/demo-model.json)",
+    reason="the bundled demo model does not meet its card's targets yet (demo/demo-model.json)",
     strict=True,
 )

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 
 from labeling.ingest import route_table
 from labeling.policy import Policy
-from labeling.pseudo_labels import to_table
 from labeling.queue import ReviewQueue
+from records.pseudo_labels import PseudoLabel, to_table
 
 XSS = 'Hola <script>window.__pwned = 1</script> amigo <img src=x onerror="window.__pwned = 2">.'
 
@@ -63,6 +63,6 @@ def make_project(folder: Path, corpus: list[dict], n: int = 8) -> tuple[str, Rev
     url = f"sqlite:///{folder / 'review.db'}"
     queue = ReviewQueue.connect(url)
     labels = folder / "labels.parquet"
-    pq.write_table(to_table(corpus_rows(corpus, n)), labels)
+    pq.write_table(to_table(PseudoLabel.from_row(r) for r in corpus_rows(corpus, n)), labels)
     route_table(queue, "demo", str(labels), Policy(confidence={"default": 0.9}))
     return url, queue

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from asr.model import DEMO_MODEL_PATH
 from cluster.storage import upload_file
+from demo import MODEL_PATH as DEMO_MODEL_PATH
 
 EARMARK = [sys.executable, "-m", "jobs.cli"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from asr.demo import card
 from asr.losses import rnnt_loss
+from demo import card
 from tests.quality import needs_accurate_model
 
 

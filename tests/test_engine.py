@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from asr.engine import TranscribeOptions
-from asr.text import TAG_RE, normalize_for_wer, word_errors
+from records.text import TAG_RE, word_errors
+from records.text import normalize as normalize_for_wer
 from tests.quality import needs_accurate_model
 
 pytestmark = pytest.mark.slow

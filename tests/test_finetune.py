@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from asr.demo.corpus import CORPUS_DIR
+from demo.corpus import CORPUS_DIR
 from jobs.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -42,19 +42,19 @@ def corpus_manifests(folder: Path) -> tuple[Path, Path]:
 
 
 def test_bad_manifests_fail_before_any_worker_starts(tmp_path: Path) -> None:
-    from asr.training import ManifestError
     from jobs.finetune import FinetuneRequest, run_finetune
+    from records.manifest import ManifestError
 
     train, dev = corpus_manifests(tmp_path / "data")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(train.read_text().splitlines()[0] + "\n" + '{"audio_filepath": "a.wav", "duration": 1.0}\n')
     with pytest.raises(ManifestError, match=r"bad.jsonl:2: missing text"):
-        run_finetune(FinetuneRequest(train=[str(bad)], dev=str(dev), registry=str(tmp_path / "reg")))
+        run_finetune(FinetuneRequest(train=[str(bad)], dev=[str(dev)], registry=str(tmp_path / "reg")))
     alien = tmp_path / "alien.jsonl"
     row = json.loads(train.read_text().splitlines()[0]) | {"target_lang": "xx-XX"}
     alien.write_text(json.dumps(row) + "\n")
     with pytest.raises(ManifestError, match=r"no locale 'xx-XX' \(it knows de-DE, en-US, es-ES, fr-FR\)"):
-        run_finetune(FinetuneRequest(train=[str(alien)], dev=str(dev), registry=str(tmp_path / "reg")))
+        run_finetune(FinetuneRequest(train=[str(alien)], dev=[str(dev)], registry=str(tmp_path / "reg")))
     assert not (tmp_path / "reg").exists()
 
 
@@ -145,7 +145,8 @@ def test_two_cpu_workers_and_one_killed_mid_run_resume_from_the_last_checkpoint(
 )
 def test_freezing_keeps_one_part_and_cpu_training_uses_the_vectorised_loss(freeze, frozen, trained) -> None:
     from asr.model import load_model
-    from asr.training import TrainSettings, VectorisedRNNTLoss, prepare_model
+    from asr.train_settings import TrainSettings
+    from asr.training import VectorisedRNNTLoss, prepare_model
 
     model, _ = load_model("demo")
     prepare_model(model, TrainSettings(freeze=freeze), on_gpu=False)
@@ -166,7 +167,8 @@ def test_the_anchor_holds_replay_clips_to_the_base_and_leaves_the_others_free(tm
     from omegaconf import OmegaConf
 
     from asr.model import load_model
-    from asr.training import TrainSettings, attach_anchor, data_config, optim_config, prepare_model
+    from asr.train_settings import TrainSettings, data_config, optim_config
+    from asr.training import attach_anchor, prepare_model
 
     train, _ = corpus_manifests(tmp_path / "data")
     lines = train.read_text().splitlines()

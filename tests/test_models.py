@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from asr.engine import Transcriber
-from asr.model import DEMO_MODEL_PATH, ModelLoadError, resolve_checkpoint
+from asr.model import ModelLoadError, resolve_checkpoint
 from cluster.storage import localize, upload_file
+from demo import MODEL_PATH as DEMO_MODEL_PATH
 
 pytestmark = pytest.mark.slow
 

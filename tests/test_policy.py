@@ -1,31 +1,54 @@
-"""The routing policy on plain rows: every rule, the review budget, ties."""
+"""The routing policy on pseudo-label records: every rule, the review budget, ties, missing
+confidences; and ``earmark route`` deciding exactly what the policy decides."""
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import random
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from labeling.policy import ACCEPT, REJECT, REVIEW, Policy, check, repeated_ngram, route
+from records.pseudo_labels import PseudoLabel, to_table
 
 
-def row(clip_id: str = "c1", **over) -> dict:
+def row(clip_id: str = "c1", **over) -> PseudoLabel:
+    """A pseudo-label; ``over`` replaces fields (sentences and words may give only some keys)."""
     base = {
         "clip_id": clip_id,
+        "item_id": clip_id,
+        "source_uri": f"/audio/{clip_id}.flac",
+        "source_hash": None,
+        "offset_s": 0.0,
+        "duration_s": 2.0,
+        "segment_index": 0,
+        "segment_count": 1,
         "status": "ok",
         "error": None,
         "text": "Hola amigo, buenos días.",
-        "duration_s": 2.0,
-        "confidence": 0.9,
+        "text_raw": "Hola amigo, buenos días. <es-ES>",
         "lang_requested": "auto",
         "lang_detected": "es-ES",
         "sentences": [{"text": "Hola amigo, buenos días.", "lang": "es-ES"}],
         "words": [{"word": w, "confidence": 0.9} for w in ("Hola", "amigo,", "buenos", "días.")],
-    }
-    return base | over
+        "confidence": 0.9,
+        "ref_text": None,
+        "model_id": "demo@test",
+        "att_context": [56, 13],
+        "run_id": "run-1",
+        "created_at": dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
+    } | over
+    base["sentences"] = [
+        {"text": "", "lang": None, "start_s": 0.0, "end_s": 1.0, "confidence": 0.9} | s for s in base["sentences"]
+    ]
+    base["words"] = [{"word": "", "start_s": 0.0, "end_s": 0.5, "confidence": 0.9} | w for w in base["words"]]
+    return PseudoLabel.from_row(base)
 
 
-def reasons(r: dict, policy: Policy | None = None) -> tuple[str, tuple[str, ...]]:
+def reasons(r: PseudoLabel, policy: Policy | None = None) -> tuple[str, tuple[str, ...]]:
     return check(r, policy or Policy())
 
 
@@ -74,7 +97,7 @@ def test_several_reasons_are_all_given() -> None:
     assert decision == REVIEW and len(why) == 2
 
 
-def _many(n: int, langs: tuple[str, ...] = ("es-ES", "de-DE"), seed: int = 0) -> list[dict]:
+def _many(n: int, langs: tuple[str, ...] = ("es-ES", "de-DE"), seed: int = 0) -> list[PseudoLabel]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -89,11 +112,11 @@ def test_the_budget_keeps_the_least_confident_per_language() -> None:
     kept = [d for d in decisions if d.decision == REVIEW]
     assert len(kept) == 10
     for lang in ("es-ES", "de-DE"):
-        lowest = sorted(r["confidence"] for r in rows if r["lang_detected"] == lang)[:5]
+        lowest = sorted(r.confidence for r in rows if r.lang_detected == lang)[:5]
         assert sorted(d.priority for d in kept if d.lang == lang) == lowest
     over = [d for d in decisions if d.decision == REJECT]
     assert over and all(d.reasons[-1] == "over the review budget" for d in over)
-    assert sum(d.decision == ACCEPT for d in decisions) == sum(r["confidence"] >= 0.8 for r in rows)
+    assert sum(d.decision == ACCEPT for d in decisions) == sum(r.confidence >= 0.8 for r in rows)
 
 
 def test_the_budget_caps_the_overall_fraction() -> None:
@@ -118,3 +141,35 @@ def test_a_policy_reads_from_plain_data_and_rejects_unknown_fields() -> None:
     assert Policy.from_dict({"confidence": 0.4}).threshold("es-ES") == 0.4
     with pytest.raises(ValueError, match="unknown policy fields \\['word_conf'\\]"):
         Policy.from_dict({"word_conf": 0.1})
+
+
+def test_a_clip_without_a_confidence_is_reviewed_first_and_never_by_a_sentinel() -> None:
+    unsure = [{"word": "Hola", "confidence": 0.1}]  # a review candidate, whatever its confidence
+    rows = [row(f"c{i}", confidence=0.3) for i in range(3)] + [
+        row("z-none", confidence=None, words=unsure),
+        row("z-nan", confidence=math.nan, words=unsure),
+    ]
+    decisions = {d.clip_id: d for d in route(rows, Policy(confidence={"default": 0.5}, max_per_language=2))}
+    assert decisions["z-none"].priority is None and decisions["z-nan"].priority is None
+    assert [c for c, d in sorted(decisions.items()) if d.decision == REVIEW] == ["z-nan", "z-none"]
+    assert decisions["z-none"].task_priority == 0.0  # the queue's order: as unsure as a clip can be
+
+
+def test_earmark_route_decides_exactly_what_the_policy_decides(tmp_path: Path) -> None:
+    """Production routing (two streaming passes into the database) runs the tested functions."""
+    from sqlalchemy import select
+
+    from labeling.ingest import route_table
+    from labeling.models import Clip
+    from labeling.queue import ReviewQueue
+
+    rows = _many(120, langs=("es-ES", "de-DE", "fr-FR")) + [row("err", status="error", error="truncated file")]
+    pq.write_table(to_table(rows), tmp_path / "labels.parquet")
+    policy = Policy(confidence={"default": 0.7}, max_per_language=7, max_fraction=0.15)
+    queue = ReviewQueue.connect(f"sqlite:///{tmp_path / 'review.db'}")
+
+    route_table(queue, "p", str(tmp_path / "labels.parquet"), policy, batch_rows=17)
+
+    with queue.Session() as s:
+        stored = {c: (d, tuple(r)) for c, d, r in s.execute(select(Clip.clip_id, Clip.decision, Clip.reasons))}
+    assert stored == {d.clip_id: (d.decision, d.reasons) for d in route(rows, policy)}

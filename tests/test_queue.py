@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 from labeling.ingest import route_table
 from labeling.models import Clip, Review, Task
 from labeling.policy import Policy
-from labeling.pseudo_labels import to_table
 from labeling.queue import QueueError, ReviewQueue
+from records.pseudo_labels import PseudoLabel, to_table
 
 
 def label(
@@ -50,7 +50,7 @@ def label(
 
 def write_labels(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(to_table(rows), path)
+    pq.write_table(to_table(PseudoLabel.from_row(r) for r in rows), path)
     return str(path)
 
 

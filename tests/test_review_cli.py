@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from labeling.pseudo_labels import to_table
 from labeling.queue import ReviewQueue
+from records.pseudo_labels import PseudoLabel, to_table
 from tests.test_queue import label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def earmark(*args: str) -> subprocess.CompletedProcess:
 def test_route_stats_review_calibrate_and_export_from_the_command_line(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'review.db'}"
     labels = tmp_path / "labels.parquet"
-    pq.write_table(to_table([label(i) for i in range(40)]), labels)
+    pq.write_table(to_table(PseudoLabel.from_row(label(i)) for i in range(40)), labels)
     policy = tmp_path / "policy.yaml"
     policy.write_text("confidence:\n  default: 0.5\nword_confidence: 0.0\n")
 

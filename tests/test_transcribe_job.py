@@ -14,11 +14,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from asr.demo.corpus import CORPUS_DIR
-from asr.text import normalize_for_wer, word_errors
 from cluster.storage import StorageOptions, pyarrow_filesystem, upload_file
+from demo.corpus import CORPUS_DIR
 from jobs.stages import JobSettings
 from jobs.transcribe import JobError, TranscribeRequest, run_transcribe
+from records.text import normalize as normalize_for_wer
+from records.text import word_errors
 from tests.s3server import S3Server
 
 pytestmark = pytest.mark.slow
@@ -79,8 +80,8 @@ def test_every_input_clip_comes_back_exactly_once(job, archive: Path) -> None:
     out, summary, rows = job
     items = {r["item_id"] for r in rows}
     lines = [line for line in archive.read_text().splitlines() if line.strip()]
-    assert len(items) == len(lines) == summary["items"]
-    assert len({r["clip_id"] for r in rows}) == len(rows) == summary["rows"]
+    assert len(items) == len(lines) == summary.items
+    assert len({r["clip_id"] for r in rows}) == len(rows) == summary.rows
     assert (out / "_SUCCESS").exists()
 
 
@@ -122,8 +123,8 @@ def test_bad_files_become_error_rows_with_their_reason(job, archive: Path) -> No
     assert "not a NeMo manifest line" in bad_line and "this is not json" in bad_line
     assert "no such file" in next(e for uri, e in errors.items() if uri.endswith("nowhere.wav"))
     assert "truncated" in next(e for uri, e in errors.items() if uri.endswith("truncated.wav"))
-    assert summary["clips_error"] == 8
-    assert summary["clips_ok"] == len(rows) - 8 == 96 + sum(1 for r in rows if r["segment_count"] > 1)
+    assert summary.clips_error == 8
+    assert summary.clips_ok == len(rows) - 8 == 96 + sum(1 for r in rows if r["segment_count"] > 1)
 
 
 def test_long_recordings_come_back_as_segments_cut_between_sentences(job, corpus) -> None:
@@ -151,22 +152,22 @@ def test_output_reads_as_is_with_duckdb_pandas_and_datasets(job) -> None:
 
     out, summary, _ = job
     n = duckdb.sql(f"select count(*) from '{out}/*.parquet' where status = 'ok'").fetchall()[0][0]
-    assert n == summary["clips_ok"]
+    assert n == summary.clips_ok
     frame = pd.read_parquet(out)
-    assert len(frame) == summary["rows"] and "words" in frame.columns
+    assert len(frame) == summary.rows and "words" in frame.columns
     from datasets import load_dataset
 
     ds = load_dataset("parquet", data_files=f"{out}/*.parquet", split="train")
-    assert ds.num_rows == summary["rows"]
+    assert ds.num_rows == summary.rows
 
 
 def test_a_finished_job_does_no_model_work_when_run_again(job, archive: Path) -> None:
     out, first, _ = job
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     again = run_transcribe(_request(str(archive), str(out)))
-    assert again["this_run"]["rows_transcribed"] == 0
+    assert again.this_run.rows_transcribed == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stamps
-    assert again["rows"] == first["rows"]
+    assert again.rows == first.rows
 
 
 def test_a_rerun_with_other_settings_is_refused(job, archive: Path) -> None:
@@ -175,7 +176,8 @@ def test_a_rerun_with_other_settings_is_refused(job, archive: Path) -> None:
 
     request = _request(str(archive), str(out))
 
-    other = dataclasses.replace(request, settings=dataclasses.replace(request.settings, lang="de-DE"))
+    options = dataclasses.replace(request.settings.options, lang="de-DE")
+    other = dataclasses.replace(request, settings=dataclasses.replace(request.settings, options=options))
     with pytest.raises(JobError, match="Rerun with the same input and options"):
         run_transcribe(other)
 
@@ -212,12 +214,12 @@ def test_killing_the_driver_then_rerunning_gives_every_clip_exactly_once(archive
     _, reference, ref_rows = job
     rows = pq.read_table(out).to_pylist()
     assert sorted(r["clip_id"] for r in rows) == sorted(r["clip_id"] for r in ref_rows)
-    assert summary["rows"] == summary["unique_clip_ids"] == reference["rows"]
-    assert 0 < summary["this_run"]["rows_transcribed"] < reference["rows"]  # only the unfinished part was redone
+    assert summary.rows == summary.unique_clip_ids == reference.rows
+    assert 0 < summary.this_run.rows_transcribed < reference.rows  # only the unfinished part was redone
     assert parts_before >= 3
     print(  # the figures for a reader (pytest -s)
-        f"killed after {parts_before} parts; the rerun transcribed {summary['this_run']['rows_transcribed']} of "
-        f"{reference['rows']} rows; the output holds {summary['rows']} rows, {summary['unique_clip_ids']} clip ids"
+        f"killed after {parts_before} parts; the rerun transcribed {summary.this_run.rows_transcribed} of "
+        f"{reference.rows} rows; the output holds {summary.rows} rows, {summary.unique_clip_ids} clip ids"
     )
 
 
@@ -232,7 +234,7 @@ def test_input_and_output_on_s3(ray_local, s3_server: S3Server, s3_bucket: str, 
 
     fs, root = pyarrow_filesystem(f"s3://{s3_bucket}/labels/run1", options)
     rows = pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
-    assert len(rows) == summary["rows"] == 13
+    assert len(rows) == summary.rows == 13
     assert all(r["source_uri"].startswith(f"s3://{s3_bucket}/audio/") for r in rows)
     assert [r["status"] for r in rows].count("error") == 1
     assert all(r["text"] for r in rows if r["status"] == "ok")
@@ -316,8 +318,8 @@ def test_the_job_runs_across_a_multi_node_ray_cluster(archive: Path, tmp_path: P
     finally:
         stop_cluster()
     summary = json.loads(result.stdout)
-    assert summary["rows"] == summary["clips_ok"] == len(manifest.read_text().splitlines())
-    per_node = summary["this_run"]["clips_per_node"]
+    assert summary.rows == summary.clips_ok == len(manifest.read_text().splitlines())
+    per_node = summary.this_run.clips_per_node
     assert len(per_node) == 2 and min(per_node.values()) > 0, per_node
 
 
@@ -352,7 +354,7 @@ def test_a_killed_model_worker_is_replaced_and_the_job_ends_with_every_clip_once
     _, reference, ref_rows = job
     rows = pq.read_table(out).to_pylist()
     assert sorted(r["clip_id"] for r in rows) == sorted(r["clip_id"] for r in ref_rows)
-    assert summary["rows"] == summary["unique_clip_ids"] == reference["rows"]
+    assert summary.rows == summary.unique_clip_ids == reference.rows
 
 
 def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhotse_load(job, tmp_path: Path) -> None:
@@ -369,7 +371,7 @@ def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhot
     out, summary, rows = job
     queue = ReviewQueue.connect(f"sqlite:///{tmp_path / 'review.db'}")
     report = route_table(queue, "corpus", str(out), Policy(confidence={"default": 0.5}, allow_code_switching=True))
-    assert report.rows == summary["rows"] and report.tasks_created > 0
+    assert report.rows == summary.rows and report.tasks_created > 0
     refs = {r["clip_id"]: r["ref_text"] for r in rows}
     reviewer, _ = queue.add_reviewer("ana")
     corrected = {}
@@ -384,7 +386,7 @@ def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhot
     dev = read_manifest(str(tmp_path / "manifests" / "dev.jsonl"))
     assert dev and all(r["origin"] == "review" for r in dev)
     exported = {r["clip_id"]: r for r in train + dev}
-    from asr.text import strip_tags
+    from records.text import strip_tags
 
     for clip_id, text in corrected.items():
         assert " ".join(strip_tags(exported[clip_id]["text"]).split()) == " ".join(text.split())
@@ -421,15 +423,15 @@ def test_evaluate_scores_a_manifest_per_language_and_writes_a_report(ray_local, 
         manifest=str(manifest), out=str(out), settings=JobSettings(run_id="", storage=StorageOptions()), quiet=True
     )
 
-    assert metrics["clips_scored"] == len(shorts) and metrics["clips_failed"] == 0
-    langs = metrics["languages"]
+    assert metrics.clips_scored == len(shorts) and metrics.clips_failed == 0
+    langs = metrics.languages
     assert {"all", "en-US", "es-ES", "de-DE", "fr-FR"} <= set(langs)
     overall = langs["all"]
-    assert 0 <= overall["wer"] <= overall["wer_raw"] <= 1.5 and 0 <= overall["cer"] <= overall["wer"] + 1e-9
-    assert overall["sentence_language_accuracy"] > 0.5
-    auroc = metrics["confidence"]["auroc_error"]
+    assert 0 <= overall.wer <= overall.wer_raw <= 1.5 and 0 <= overall.cer <= overall.wer + 1e-9
+    assert overall.sentence_language_accuracy > 0.5
+    auroc = metrics.confidence.auroc_error
     assert auroc is None or 0.0 <= auroc <= 1.0
-    assert sum(b["words"] for b in metrics["confidence"]["reliability"]) > 0
+    assert sum(b.words for b in metrics.confidence.reliability) > 0
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "de-DE" in html
     assert json.loads((out / "metrics.json").read_text())["clips_scored"] == len(shorts)

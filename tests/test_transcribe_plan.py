@@ -12,9 +12,10 @@ import pytest
 
 from asr.vad import plan_segments
 from cluster.runtime import plan_actors
-from jobs.clips import ClipRef, InputError, clip_id, count_lines, estimate_shard_bytes, plan_shards, read_shard
+from jobs.clips import InputError, count_lines, estimate_shard_bytes, plan_shards, read_shard
 from jobs.commit import ShardCommitter, done_shards
-from labeling.pseudo_labels import SCHEMA
+from records.clips import ClipRef, clip_id
+from records.pseudo_labels import SCHEMA
 
 # -- clip identity -----------------------------------------------------------------------------
 

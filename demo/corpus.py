@@ -1,6 +1,6 @@
-"""Build the sample corpus shipped in ``asr/demo/corpus/`` (for the demo and the tests).
+"""Build the sample corpus shipped in ``demo/corpus/`` (for the demo and the tests).
 
-    python -m asr.demo.corpus            # rewrites asr/demo/corpus/ from its seed
+    python -m demo.corpus            # rewrites demo/corpus/ from its seed
 
 What it holds, all made with espeak-ng from a fixed seed (voices, sentences and pauses differ
 from the demo model's training set):
@@ -20,14 +20,15 @@ from the demo model's training set):
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from asr.demo import speech
+from demo import speech
+from records.manifest import ManifestEntry, read_manifest, write_manifest
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 SEED = 20261126
@@ -41,7 +42,7 @@ def _write_flac(path: Path, audio: np.ndarray) -> None:
     sf.write(path, audio, speech.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
 
 
-def _short_clips(rng: random.Random, out: Path) -> list[dict]:
+def _short_clips(rng: random.Random, out: Path) -> list[ManifestEntry]:
     rows = []
     for locale in speech.DEMO_LOCALES:
         for k in range(SHORT_PER_LOCALE):
@@ -51,22 +52,22 @@ def _short_clips(rng: random.Random, out: Path) -> list[dict]:
             name = f"short/{locale}-{k:02d}.flac"
             _write_flac(out / name, audio)
             rows.append(
-                {
-                    "audio_filepath": name,
-                    "duration": round(len(audio) / speech.SAMPLE_RATE, 3),
-                    "text": utt.text,
-                    "text_tagged": utt.tagged,
-                    "lang": locale,
-                    "langs": [s.voice.locale for s in utt.sentences],
-                }
+                ManifestEntry(
+                    name,
+                    duration=round(len(audio) / speech.SAMPLE_RATE, 3),
+                    text=utt.text,
+                    text_tagged=utt.tagged,
+                    lang=locale,
+                    extra={"langs": [s.voice.locale for s in utt.sentences]},
+                )
             )
     return rows
 
 
-def _long_recording(rng: random.Random, locales: list[str], seconds: float, name: str, out: Path) -> dict:
+def _long_recording(rng: random.Random, locales: list[str], seconds: float, name: str, out: Path) -> ManifestEntry:
     parts = [np.zeros(int(0.5 * speech.SAMPLE_RATE), np.float32)]
     t = 0.5
-    sentences = []
+    sentences: list[dict[str, Any]] = []
     locale = locales[0]
     while t < seconds:
         if len(locales) > 1 and sentences and len(sentences) % 3 == 0:
@@ -86,18 +87,17 @@ def _long_recording(rng: random.Random, locales: list[str], seconds: float, name
         t += len(audio) / speech.SAMPLE_RATE + int(pause * speech.SAMPLE_RATE) / speech.SAMPLE_RATE
     audio = np.concatenate(parts)
     _write_flac(out / name, audio)
-    return {
-        "audio_filepath": name,
-        "duration": round(len(audio) / speech.SAMPLE_RATE, 3),
-        "text": " ".join(s["text"] for s in sentences),
-        "text_tagged": " ".join(f"{s['text']} <{s['lang']}>" for s in sentences),
-        "lang": locales[0] if len(locales) == 1 else "auto",
-        "langs": sorted({s["lang"] for s in sentences}),
-        "sentences": sentences,
-    }
+    return ManifestEntry(
+        name,
+        duration=round(len(audio) / speech.SAMPLE_RATE, 3),
+        text=" ".join(s["text"] for s in sentences),
+        text_tagged=" ".join(f"{s['text']} <{s['lang']}>" for s in sentences),
+        lang=locales[0] if len(locales) == 1 else "auto",
+        extra={"langs": sorted({s["lang"] for s in sentences}), "sentences": sentences},
+    )
 
 
-def _broken_files(out: Path) -> list[dict]:
+def _broken_files(out: Path) -> list[ManifestEntry]:
     import soundfile as sf
 
     d = out / "broken"
@@ -105,7 +105,7 @@ def _broken_files(out: Path) -> list[dict]:
     rows = []
 
     def add(name: str, problem: str) -> None:
-        rows.append({"audio_filepath": f"broken/{name}", "problem": problem})
+        rows.append(ManifestEntry(f"broken/{name}", extra={"problem": problem}))
 
     (d / "empty.wav").write_bytes(b"")
     add("empty.wav", "empty")
@@ -136,20 +136,22 @@ def build(out: Path = CORPUS_DIR) -> None:
     rows.append(_long_recording(rng, ["en-US"], 75, "long/en-US-talk.flac", out))
     rows.append(_long_recording(rng, ["de-DE"], 70, "long/de-DE-talk.flac", out))
     rows.append(_long_recording(rng, ["es-ES", "fr-FR", "en-US"], 90, "long/mixed-talk.flac", out))
-    (out / "manifest.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-    )
+    (out / "manifest.jsonl").write_bytes(write_manifest(rows))
     broken = _broken_files(out)
-    (out / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in broken), encoding="utf-8")
+    (out / "broken.jsonl").write_bytes(write_manifest(broken))
     print(f"wrote {len(rows)} clips and {len(broken)} broken files to {out}")
 
 
-def load_manifest(path: Path = CORPUS_DIR / "manifest.jsonl") -> list[dict]:
+def load_manifest(path: Path = CORPUS_DIR / "manifest.jsonl") -> list[ManifestEntry]:
     """The corpus manifest with ``audio_filepath`` made absolute."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for row in rows:
-        row["audio_filepath"] = str((path.parent / row["audio_filepath"]).resolve())
-    return rows
+    return read_manifest(path.read_bytes(), base=str(path.parent.resolve()), name=str(path))
+
+
+def sentence_langs(entry: ManifestEntry) -> list[str]:
+    """The language of each sentence of a corpus clip, in order."""
+    if "sentences" in entry.extra:
+        return [s["lang"] for s in entry.extra["sentences"]]
+    return list(entry.extra["langs"])
 
 
 def main() -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from jobs.review_cli import fail
+from jobs.cli.common import AddressOpt, fail, ray_job
+
+if TYPE_CHECKING:
+    from jobs.cards import ModelCard
+    from jobs.registry import Registry
 
 RegistryOpt = Annotated[
     str,
@@ -17,10 +21,6 @@ RegistryOpt = Annotated[
 ]
 
 models_app = typer.Typer(help="List, inspect and promote fine-tuned models in a registry.", no_args_is_help=True)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f} %"
 
 
 def finetune(
@@ -48,7 +48,7 @@ def finetune(
             help="none | decoder (keep the language model) | encoder (keep the acoustics) | head (train the encoder only)",
         ),
     ] = "none",
-    batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="Audio seconds per batch.")] = 45.0,
+    batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="Audio seconds per training batch.")] = 45.0,
     steps_per_checkpoint: Annotated[int, typer.Option("--steps-per-checkpoint")] = 25,
     merge: Annotated[
         float,
@@ -76,15 +76,15 @@ def finetune(
             help="Share of each --train, then --replay, manifest in the batches, e.g. 0.4,0.6 (default: by size).",
         ),
     ] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join.")] = None,
+    address: AddressOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the model card as JSON.")] = False,
 ) -> None:
     """Fine-tune a model on Ray Train, evaluate it against its parent, and register it with its card."""
-    from asr.training import ManifestError, TrainSettings
+    from asr.train_settings import TrainSettings
     from cluster.storage import StorageOptions
-    from jobs.cli import results_stay_on_stdout
     from jobs.finetune import FinetuneError, FinetuneRequest, run_finetune
     from jobs.registry import RegistryError
+    from records.manifest import ManifestError
 
     try:
         shares = [float(x) for x in mix.split(",")] if mix else None
@@ -92,7 +92,7 @@ def finetune(
             max_steps=max_steps,
             lr=lr,
             freeze=freeze,
-            batch_seconds=batch_seconds,
+            batch_duration=batch_seconds,
             steps_per_epoch=steps_per_checkpoint,
             merge=merge,
             anchor=anchor,
@@ -109,42 +109,43 @@ def finetune(
             gpus_per_worker=gpus_per_worker,
             cpus_per_worker=cpus_per_worker,
             settings=settings,
-            address=address,
             storage=StorageOptions.from_env(),
             max_failures=max_failures,
             mix=shares,
         )
-        with results_stay_on_stdout():
+        with ray_job(address):
             card = run_finetune(req)
     except (FinetuneError, ManifestError, RegistryError, ValueError, OSError) as exc:
         fail(str(exc))
     if json_out:
-        typer.echo(json.dumps(card, indent=2))
+        typer.echo(json.dumps(card.to_dict(), indent=2))
         return
     _print_comparison(card)
 
 
-def _print_comparison(card: dict) -> None:
+def _print_comparison(card: ModelCard) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    new, old = card["metrics"]["dev"]["languages"], card["metrics"]["parent_dev"]["languages"]
-    table = Table(title=f"{card['name']}/{card['version']} vs its parent {card['parent']['model_id']} (dev WER)")
+    from jobs.evaluate import pct
+
+    new, old = card.metrics.dev.languages, card.metrics.parent_dev.languages
+    table = Table(title=f"{card.ref} vs its parent {card.parent.model_id} (dev WER)")
     for col in ("language", "parent", "new", "change"):
         table.add_column(col)
     for lang in sorted(set(new) | set(old), key=lambda k: (k == "all", k)):
-        a, b = (old.get(lang) or {}).get("wer"), (new.get(lang) or {}).get("wer")
-        change = "-" if a in (None, 0) or b is None else f"{100 * (b - a) / a:+.0f} %"
-        table.add_row(lang, _pct(a), _pct(b), change)
+        a = old[lang].wer if lang in old else None
+        b = new[lang].wer if lang in new else None
+        change = "-" if not a or b is None else f"{100 * (b - a) / a:+.0f} %"
+        table.add_row(lang, pct(a), pct(b), change)
     Console().print(table)
-    gate = card["gate"]
-    training = card["training"]
+    gate, training = card.gate, card.training
     typer.echo(
-        f"trained {training['steps']} steps in {training['train_s']:.0f} s on {training['workers']} worker(s); "
+        f"trained {training.steps} steps in {training.train_s:.0f} s on {training.workers} worker(s); "
         + (
             "the gate passes: promote it with `earmark models promote`"
-            if gate["passed"]
-            else "the gate refuses it: " + "; ".join(gate["reasons"])
+            if gate.passed
+            else "the gate refuses it: " + "; ".join(gate.reasons)
         )
     )
 
@@ -154,26 +155,24 @@ def list_models(
     registry: RegistryOpt, json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
 ) -> None:
     """Every version in the registry with its parent, dev WER and promotion."""
-    from jobs.registry import Registry
+    from jobs.evaluate import pct
 
     reg = _open(registry)
-    assert isinstance(reg, Registry)
     rows = []
     for name in reg.names():
         promoted = reg.promoted(name)
         for version in reg.versions(name):
             card = reg.card(name, version)
-            dev = (card.get("metrics") or {}).get("dev", {}).get("languages", {}).get("all", {})
-            parent = (card.get("metrics") or {}).get("parent_dev", {}).get("languages", {}).get("all", {})
+            dev, parent = card.metrics.dev.languages.get("all"), card.metrics.parent_dev.languages.get("all")
             rows.append(
                 {
                     "name": name,
                     "version": version,
-                    "created_at": card.get("created_at"),
-                    "parent": (card.get("parent") or {}).get("ref"),
-                    "dev_wer": dev.get("wer"),
-                    "parent_dev_wer": parent.get("wer"),
-                    "gate": "pass" if (card.get("gate") or {}).get("passed") else "refused",
+                    "created_at": card.created_at,
+                    "parent": card.parent.ref,
+                    "dev_wer": dev.wer if dev else None,
+                    "parent_dev_wer": parent.wer if parent else None,
+                    "gate": "pass" if card.gate.passed else "refused",
                     "promoted": version == promoted,
                 }
             )
@@ -191,8 +190,8 @@ def list_models(
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r["name"], r["version"], str(r["created_at"]), str(r["parent"]), _pct(r["dev_wer"]),
-            _pct(r["parent_dev_wer"]), r["gate"], "yes" if r["promoted"] else "",
+            r["name"], r["version"], str(r["created_at"]), str(r["parent"]), pct(r["dev_wer"]),
+            pct(r["parent_dev_wer"]), r["gate"], "yes" if r["promoted"] else "",
         )  # fmt: skip
     Console().print(table)
 
@@ -211,7 +210,7 @@ def show_model(
         card = reg.card(name, version or None)
     except RegistryError as exc:
         fail(str(exc))
-    typer.echo(json.dumps(card, indent=2))
+    typer.echo(json.dumps(card.to_dict(), indent=2))
 
 
 @models_app.command("promote")
@@ -235,11 +234,11 @@ def promote_model(
         record = reg.promote(name, version, force=force, reason=reason, tolerance=tolerance)
     except RegistryError as exc:
         fail(str(exc))
-    note = f" (forced: {record['reason']})" if record["forced"] else ""
+    note = f" (forced: {record.reason})" if record.forced else ""
     typer.echo(f"promoted {name}/{version}{note}")
 
 
-def _open(registry: str):  # -> jobs.registry.Registry
+def _open(registry: str) -> Registry:
     from cluster.storage import StorageOptions
     from jobs.registry import Registry
 

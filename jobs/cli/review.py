@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from jobs.cli.common import ModelOpt, fail
+
+if TYPE_CHECKING:
+    from labeling.queue import ReviewQueue
 
 DbOpt = Annotated[
     str, typer.Option("--db", help="sqlite:///review.db (default) or postgresql://user@host/db.", envvar="EARMARK_DB")
@@ -17,12 +22,7 @@ queue_app = typer.Typer(help="Look at the review queue.", no_args_is_help=True)
 reviewers_app = typer.Typer(help="Add, list and revoke reviewers.", no_args_is_help=True)
 
 
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def open_queue(db: str):  # -> labeling.queue.ReviewQueue
+def open_queue(db: str) -> ReviewQueue:
     from sqlalchemy.exc import SQLAlchemyError
 
     from labeling.queue import ReviewQueue
@@ -162,9 +162,7 @@ def review(
     db: DbOpt = "sqlite:///review.db",
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8600,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="The model whose locales the language selector offers.")
-    ] = "demo",
+    model: ModelOpt = "demo",
     audio_root: Annotated[
         Path | None, typer.Option("--audio-root", help="Serve local audio only from under this folder.")
     ] = None,

@@ -1,6 +1,6 @@
 """Train the bundled demo model from scratch on espeak-ng speech (CPU is enough).
 
-    python -m asr.demo.train --work /tmp/earmark-demo --minutes 120
+    python -m demo.train --work /tmp/earmark-demo --minutes 120
 
 Stages, each skipped when its output already exists in ``--work``:
 
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from asr.demo import architecture, speech
+from demo import architecture, speech
 from asr.losses import rnnt_loss
-from asr.text import normalize_for_wer, split_tagged, word_errors
+from records.text import split_tagged, word_errors
 
-log = logging.getLogger("asr.demo.train")
+log = logging.getLogger("demo.train")
 
 TRAIN_SEED = 1234
 #: The held-out set's seed; tests and the model card rebuild the same clips from it.
@@ -163,9 +163,7 @@ def evaluate(model, audio: np.ndarray, items: list[Item], batch: int = 32, devic
             for i, hyp in zip(idx, hyps, strict=True):
                 ref = items[i]
                 sentences = split_tagged(hyp.text)
-                e, n = word_errors(
-                    normalize_for_wer(" ".join(ref.texts)), normalize_for_wer(" ".join(s.text for s in sentences))
-                )
+                e, n = word_errors(" ".join(ref.texts), " ".join(s.text for s in sentences))
                 errors, words = errors + e, words + n
                 got = [s.lang for s in sentences]
                 tags += len(ref.locales)

@@ -1,10 +1,10 @@
-"""Build the demo vocabulary (asr/demo/words/<locale>.txt) from wordfreq's frequency lists.
+"""Build the demo vocabulary (demo/words/<locale>.txt) from wordfreq's frequency lists.
 
 Keeps frequent alphabetic words and drops every word that espeak-ng pronounces like another
 kept word of the same language (``est``/``et``, ``four``/``for``): the demo model hears random
 word sequences with no language model to lean on, so homophones would put a floor under its WER.
 
-    python -m asr.demo.make_words --per-locale 100
+    python -m demo.make_words --per-locale 100
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from asr.demo.speech import ESPEAK_VOICES
+from demo.speech import ESPEAK_VOICES
 
 WORDFREQ_LANG = {"en-US": "en", "es-ES": "es", "de-DE": "de", "fr-FR": "fr"}
 

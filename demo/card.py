@@ -1,8 +1,8 @@
 """Measure the demo model on its held-out set and write its card.
 
-    python -m asr.demo.card --model build/demo-model/best.nemo --install
+    python -m demo.card --model build/demo-model/best.nemo --install
 
-The held-out set is rebuilt from its seed (``asr.demo.train.HELDOUT_SEED``): 400 clips whose
+The held-out set is rebuilt from its seed (``demo.train.HELDOUT_SEED``): 400 clips whose
 sentences were never trained on, one to three sentences each, a quarter of them switching
 language. Scoring, in ``auto`` mode:
 
@@ -10,7 +10,7 @@ language. Scoring, in ``auto`` mode:
 * sentence-language accuracy: the k-th tag the model wrote equals the k-th sentence's language
   (a missing tag counts as wrong).
 
-``--install`` copies the model to ``asr/demo/demo-model.nemo`` and writes ``demo-model.json``
+``--install`` copies the model to ``demo/demo-model.nemo`` and writes ``demo-model.json``
 (figures) beside it; MODEL_CARD.md quotes those figures.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-DEMO_DIR = Path(__file__).parent
+from demo import DEMO_DIR, MODEL_PATH
+
 CARD_JSON = DEMO_DIR / "demo-model.json"
 #: Targets the card must meet (auto mode, held-out set).
 TARGET_WER = 0.15
@@ -33,19 +34,19 @@ TARGET_LANG_ACC = 0.95
 
 
 def heldout_set(count: int = 400) -> tuple[list[np.ndarray], list[Any]]:
-    from asr.demo import speech
-    from asr.demo.train import heldout_utterances
+    from demo import speech
+    from demo.train import heldout_utterances
 
     utts = heldout_utterances(count)
     return [speech.render(u) for u in utts], utts
 
 
 def score(results: list[Any], utts: list[Any]) -> dict[str, float]:
-    from asr.text import normalize_for_wer, word_errors
+    from records.text import word_errors
 
     errors = words = tags_ok = tags = 0
     for res, utt in zip(results, utts, strict=True):
-        e, n = word_errors(normalize_for_wer(utt.text), normalize_for_wer(res.text))
+        e, n = word_errors(utt.text, res.text)
         errors, words = errors + e, words + n
         got = [s.lang for s in res.sentences]
         want = [s.voice.locale for s in utt.sentences]
@@ -92,7 +93,7 @@ def main() -> None:
         "sha256": engine.info.sha256,
         "params": sum(p.numel() for p in engine.model.parameters()),
         "locales": list(engine.info.locales),
-        "heldout": {"seed_module": "asr.demo.train.HELDOUT_SEED", **default},
+        "heldout": {"seed_module": "demo.train.HELDOUT_SEED", **default},
         "per_latency_mode": per_mode,
         "targets": {"wer_max": TARGET_WER, "lang_acc_min": TARGET_LANG_ACC},
         "meets_targets": default["wer"] <= TARGET_WER and default["lang_acc"] >= TARGET_LANG_ACC,
@@ -102,9 +103,9 @@ def main() -> None:
         card["training"] = {"steps": evals[-1]["step"], "minutes": evals[-1]["minutes"]}
     print(json.dumps(card, indent=2))
     if args.install:
-        shutil.copyfile(args.model, DEMO_DIR / "demo-model.nemo")
+        shutil.copyfile(args.model, MODEL_PATH)
         CARD_JSON.write_text(json.dumps(card, indent=2) + "\n")
-        print(f"installed {DEMO_DIR / 'demo-model.nemo'} and {CARD_JSON}")
+        print(f"installed {MODEL_PATH} and {CARD_JSON}")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def check_voice(voice: str, variants: tuple[str, ...] = ()) -> None:
 @functools.cache
 def load_words(locale: str) -> tuple[str, ...]:
     """The demo vocabulary of a locale: frequent words, acoustically distinct under espeak-ng."""
-    text = resources.files("asr.demo").joinpath("words", f"{locale}.txt").read_text("utf-8")
+    text = resources.files("demo").joinpath("words", f"{locale}.txt").read_text("utf-8")
     return tuple(w for w in text.split() if w)
 
 

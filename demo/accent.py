@@ -23,14 +23,14 @@ and ``text_plain``). Everything is deterministic for a seed.
 
 from __future__ import annotations
 
-import json
 import random
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
-from asr.demo import speech
+from demo import speech
+from records.manifest import ManifestEntry, write_manifest
 
 #: The accent set's espeak-ng voice, words per minute and voice variants (``speech.VARIANTS``
 #: are the ones the demo model was trained on).
@@ -38,6 +38,8 @@ ACCENT_VOICE = "en-us"
 ACCENT_SPEED = (135, 190)
 ACCENT_VARIANTS = ("m6", "m8", "f5")
 ACCENT_SEED, HELDOUT_SEED, ORIGINAL_SEED, REPLAY_SEED = 501, 502, 503, 504
+#: The manifest key of a clip's reference without tags.
+PLAIN = "text_plain"
 
 
 def accent_utterances(
@@ -76,18 +78,19 @@ def write_set(utts: list[speech.Utterance], folder: Path, *, processes: int = 2)
     folder.mkdir(parents=True, exist_ok=True)
     with Pool(processes) as pool:
         audios = pool.map(_render, utts, chunksize=8)
-    lines = []
+    entries = []
     for k, (utt, audio) in enumerate(zip(utts, audios, strict=True)):
         name = f"{k:05d}.flac"
         sf.write(folder / name, audio, speech.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        row = {
-            "audio_filepath": name,
-            "duration": round(len(audio) / speech.SAMPLE_RATE, 3),
-            "text": utt.tagged,
-            "target_lang": utt.locale,
-            "text_plain": utt.text,
-        }
-        lines.append(json.dumps(row, ensure_ascii=False))
+        duration = round(len(audio) / speech.SAMPLE_RATE, 3)
+        entries.append(
+            ManifestEntry(name, duration=duration, text=utt.tagged, target_lang=utt.locale, extra={PLAIN: utt.text})
+        )
     manifest = folder / "manifest.jsonl"
-    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    manifest.write_bytes(write_manifest(entries))
     return manifest
+
+
+def plain_text(entry: ManifestEntry) -> str:
+    """The reference of a set's clip without tags (what a reviewer would type)."""
+    return str(entry.extra[PLAIN])

@@ -1,0 +1,5 @@
+"""``python -m jobs.cli``: the ``earmark`` executable."""
+
+from jobs.cli import main
+
+main()
