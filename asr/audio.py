@@ -293,7 +293,7 @@ def _read_av(name: str, container: Any, offset_s: float, duration_s: float | Non
             chunks, end = _decode_frames(name, container, stream, start, stop, seek=False)
     except av.FFmpegError as e:
         raise AudioError(f"{name}: damaged or truncated: FFmpeg failed to decode it ({e}); {_REDO}") from None
-    if end is None:
+    if end is None or chunks is None:
         raise AudioError(f"{name}: holds no audio (the audio stream decodes to 0 frames); {_REDO}")
     if (stop is None or end < stop) and declared and end / rate < declared - _TRUNCATION_SLACK_S:
         raise _truncated(name, declared, end / rate)

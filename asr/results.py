@@ -11,7 +11,7 @@ becomes a row without any field being copied by hand.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from records.pseudo_labels import Sentence, Word
@@ -34,13 +34,10 @@ class Transcript:
     duration_s: float
     model_id: str
     att_context: tuple[int, int]
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["att_context"] = list(self.att_context)
-        out.pop("extra")
-        return out
+        """The transcript as plain data (``earmark transcribe-file --json``)."""
+        return asdict(self)
 
 
 def detected_language(sentences: tuple[Sentence, ...] | list[Sentence]) -> str | None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from records.manifest import LANG_FIELD, ManifestError, count_entries, iter_manifest
+from records.manifest import LANG_FIELD, REQUIRED_FOR_TRAINING, ManifestError, count_entries, iter_manifest
 
 __all__ = ["ManifestError", "ManifestStats", "TrainSettings", "check_manifest", "data_config", "optim_config"]
 
@@ -106,11 +106,7 @@ def check_manifest(name: str, data: bytes | str, prompt_dictionary: dict[str, in
     langs: dict[str, int] = {}
     for number, entry in iter_manifest(data, name=name):
         where = f"{name}:{number}"
-        missing = [
-            k
-            for k, v in (("audio_filepath", entry.audio_filepath), ("duration", entry.duration), ("text", entry.text))
-            if not v
-        ]
+        missing = entry.missing(*REQUIRED_FOR_TRAINING)
         if missing:
             raise ManifestError(f"{where}: missing {', '.join(missing)} (NeMo manifests need all three)")
         lang = entry.target_lang

@@ -82,7 +82,7 @@ def attach_anchor(model: Any, base: Any, weight: float, *, at: str = "output") -
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            load = self.load_audio
+            load: Any = getattr(self, "load_audio")  # noqa: B009 - NeMo's attribute, typed Any here
 
             def load_and_keep(cuts: Any) -> Any:  # the cuts that loaded, in batch order
                 audio, lens, kept = load(cuts)

@@ -27,7 +27,8 @@ def train_steps(steps: int) -> None:
     import torch
 
     from asr.model import load_model
-    from asr.training import TrainSettings, prepare_model
+    from asr.train_settings import TrainSettings
+    from asr.training import prepare_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -56,11 +57,11 @@ def train_steps(steps: int) -> None:
 
 def transcribe_corpus(_: int) -> None:
     from asr.audio import decode_audio
-    from demo.corpus import load_manifest
     from asr.engine import Transcriber
+    from demo.corpus import load_manifest
 
     engine = Transcriber.load("demo", device="cpu")
-    audios = [decode_audio(r["audio_filepath"]) for r in load_manifest() if "sentences" not in r]
+    audios = [decode_audio(r.audio_filepath) for r in load_manifest() if "sentences" not in r.extra]
     engine.transcribe(audios[:8])  # warm-up, not timed
     measure(lambda: engine.transcribe(audios))
 

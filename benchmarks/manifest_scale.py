@@ -13,7 +13,6 @@ ratios to the smallest size (flat means nothing in the driver grows with the cor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -28,13 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_manifest(path: Path, lines: int) -> None:
     sys.path.insert(0, str(ROOT))
     from demo.corpus import load_manifest
+    from records.manifest import ManifestEntry, to_line
 
-    longs = [(r["audio_filepath"], r["duration"]) for r in load_manifest() if "sentences" in r]
+    longs = [(r.audio_filepath, r.duration or 0.0) for r in load_manifest() if "sentences" in r.extra]
     with path.open("w") as f:
         for i in range(lines):
             source, duration = longs[i % len(longs)]
             offset = round((i * 0.37) % (duration - 3), 3)  # distinct (file, offset) pairs
-            f.write(json.dumps({"audio_filepath": source, "offset": offset, "duration": 2.0}) + "\n")
+            f.write(to_line(ManifestEntry(source, offset=offset, duration=2.0)) + "\n")
 
 
 def run_one(manifest: Path, out: Path, watch_s: float, timeout_s: float) -> dict:

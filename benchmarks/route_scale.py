@@ -34,7 +34,8 @@ WORDS = {
 def write_table(folder: Path, rows: int, *, part_rows: int = 100_000, seed: int = 0) -> None:
     import pyarrow.parquet as pq
 
-    from labeling.pseudo_labels import to_table
+    from asr.results import Transcript
+    from records.pseudo_labels import PseudoLabel, Segment, Sentence, Word, to_table
 
     rng = random.Random(seed)
     created = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
@@ -48,39 +49,34 @@ def write_table(folder: Path, rows: int, *, part_rows: int = 100_000, seed: int 
             confs = [round(rng.betavariate(5, 1.5), 3) for _ in range(n)]
             text = " ".join(words).capitalize() + "."
             error = i % 100 == 99
-            batch.append(
-                {
-                    "clip_id": f"{i:016x}",
-                    "item_id": f"{i:016x}",
-                    "source_uri": f"s3://archive/{i // 1000}/{i}.flac",
-                    "source_hash": None,
-                    "offset_s": 0.0,
-                    "duration_s": round(n * 0.4, 2),
-                    "segment_index": 0,
-                    "segment_count": 1,
-                    "status": "error" if error else "ok",
-                    "error": "truncated file" if error else None,
-                    "text": None if error else text,
-                    "text_raw": None if error else f"{text} <{lang}>",
-                    "lang_requested": "auto",
-                    "lang_detected": None if error else lang,
-                    "sentences": []
-                    if error
-                    else [{"text": text, "lang": lang, "start_s": 0.1, "end_s": n * 0.4, "confidence": min(confs)}],
-                    "words": []
-                    if error
-                    else [
-                        {"word": w, "start_s": k * 0.4, "end_s": k * 0.4 + 0.3, "confidence": c}
-                        for k, (w, c) in enumerate(zip(words, confs, strict=True))
-                    ],
-                    "confidence": None if error else sum(confs) / n,
-                    "ref_text": None,
-                    "model_id": "demo@abc",
-                    "att_context": [56, 13],
-                    "run_id": "bench-run",
-                    "created_at": created,
-                }  # fmt: skip
+            clip = f"{i:016x}"
+            segment = Segment(
+                clip, clip, f"s3://archive/{i // 1000}/{i}.flac", None, 0.0, round(n * 0.4, 2), 0, 1, "auto", None
             )
+            transcript = Transcript(
+                text=text,
+                text_raw=f"{text} <{lang}>",
+                lang_requested="auto",
+                lang_detected=lang,
+                sentences=(Sentence(text, lang, 0.1, n * 0.4, min(confs)),),
+                words=tuple(
+                    Word(w, k * 0.4, k * 0.4 + 0.3, c) for k, (w, c) in enumerate(zip(words, confs, strict=True))
+                ),
+                confidence=sum(confs) / n,
+                duration_s=n * 0.4,
+                model_id="demo@abc",
+                att_context=(56, 13),
+            )
+            label = PseudoLabel.of(
+                segment,
+                None if error else transcript,
+                model_id="demo@abc",
+                att_context=(56, 13),
+                run_id="bench-run",
+                created_at=created,
+                error="truncated file" if error else None,
+            )
+            batch.append(label)
         pq.write_table(to_table(batch), folder / f"part-{part:06d}.parquet")
 
 

@@ -22,7 +22,7 @@ def long_stream(seconds: float) -> np.ndarray:
     from asr.audio import decode_audio
     from demo.corpus import load_manifest
 
-    clips = [decode_audio(r["audio_filepath"]) for r in load_manifest()]
+    clips = [decode_audio(r.audio_filepath) for r in load_manifest()]
     out, total = [], 0
     while total < seconds * 16000:
         for c in clips:

@@ -25,7 +25,6 @@ whole process; printed: each run, the median of the repeats and its ratio to the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -38,32 +37,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from records.manifest import ManifestEntry, read_manifest, write_manifest  # noqa: E402 - after the path
 
-def build_manifest(folder: Path, copies: int) -> tuple[Path, list[dict]]:
+
+def build_manifest(folder: Path, copies: int) -> tuple[Path, list[ManifestEntry]]:
     from demo.corpus import load_manifest
 
     rows = []
     for row in load_manifest():
-        if "sentences" in row:
-            rows.append({"audio_filepath": row["audio_filepath"]})
+        if "sentences" in row.extra:  # a long recording
+            rows.append(ManifestEntry(row.audio_filepath))
             continue
         for k in range(copies):
             cut = 0.05 * k
-            rows.append(
-                {"audio_filepath": row["audio_filepath"], "offset": cut, "duration": round(row["duration"] - cut, 3)}
-            )
+            rows.append(ManifestEntry(row.audio_filepath, offset=cut, duration=round((row.duration or 0) - cut, 3)))
     path = folder / "bench.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_bytes(write_manifest(rows))
     return path, rows
 
 
-def total_seconds(rows: list[dict]) -> float:
+def total_seconds(rows: list[ManifestEntry]) -> float:
     from asr.audio import probe_audio
 
     total = 0.0
     for r in rows:
-        whole = probe_audio(r["audio_filepath"]).duration_s
-        total += min(r.get("duration") or whole, whole - r.get("offset", 0.0))
+        whole = probe_audio(r.audio_filepath).duration_s
+        total += min(r.duration or whole, whole - r.start_s)
     return total
 
 
@@ -71,14 +70,11 @@ def engine_loop(manifest: Path) -> None:
     from asr.audio import decode_audio
     from asr.engine import Transcriber
 
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows = read_manifest(manifest.read_bytes())
     engine = Transcriber.load("demo", device="cpu")
     for i in range(0, len(rows), 64):
         chunk = rows[i : i + 64]
-        audios = [
-            decode_audio(r["audio_filepath"], offset_s=r.get("offset", 0.0), duration_s=r.get("duration"))
-            for r in chunk
-        ]
+        audios = [decode_audio(r.audio_filepath, offset_s=r.start_s, duration_s=r.duration) for r in chunk]
         engine.transcribe(audios)
 
 
@@ -86,10 +82,8 @@ def nemo_transcribe(manifest: Path) -> None:
     from asr.audio import decode_audio
     from asr.model import load_model
 
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    audios = [
-        decode_audio(r["audio_filepath"], offset_s=r.get("offset", 0.0), duration_s=r.get("duration")) for r in rows
-    ]
+    rows = read_manifest(manifest.read_bytes())
+    audios = [decode_audio(r.audio_filepath, offset_s=r.start_s, duration_s=r.duration) for r in rows]
     model, _ = load_model("demo", device="cpu")
     model.transcribe(audios, batch_size=16, verbose=False)
 

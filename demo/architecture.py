@@ -158,13 +158,16 @@ def center_features(model: Any, audios: list[Any]) -> None:
 
     feat = model.preprocessor.featurizer
     with torch.no_grad():
-        sums, count = None, 0
+        sums: torch.Tensor | None = None
+        count = 0
         for audio in audios:
             x = torch.as_tensor(audio, dtype=torch.float32)[None]
             f, n = model.preprocessor(input_signal=x, length=torch.tensor([x.shape[1]]))
             frames = f[0, :, : int(n[0])]
             sums = frames.sum(dim=1) if sums is None else sums + frames.sum(dim=1)
             count += frames.shape[1]
+        if sums is None:
+            raise ValueError("centering the features needs at least one clip")
         mean = sums / count
         feat.fb.mul_(torch.exp(-mean).view(1, -1, 1).to(feat.fb.dtype))
 

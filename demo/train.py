@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demo import architecture, speech
 from asr.losses import rnnt_loss
+from demo import architecture, speech
 from records.text import split_tagged, word_errors
 
 log = logging.getLogger("demo.train")

@@ -37,10 +37,6 @@ def join(uri: str, *names: str) -> str:
     return "/".join([uri.rstrip("/"), *names])
 
 
-def part_uri(out: str, shard_index: int) -> str:
-    return join(out, f"part-{shard_index:06d}.parquet")
-
-
 def done_shards(out: str, options: StorageOptions | None = None) -> set[int]:
     """Indices of the shards whose part is in ``out`` (what a rerun skips)."""
     fs, path = storage.pyarrow_filesystem(out, options)

@@ -252,10 +252,10 @@ def html_report(metrics: Evaluation, labels: list[PseudoLabel], *, title: str) -
     ax.set_ylabel("clips")
     ax.set_title("Confidence histogram")
     hist_png = png(fig)
-    rel = [b for b in metrics.confidence.reliability if b.words]
+    rel = [(b.mean_confidence, b.accuracy) for b in metrics.confidence.reliability if b.words]
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], "--", color="#999", label="perfect calibration")
-    ax.plot([b.mean_confidence for b in rel], [b.accuracy for b in rel], "o-", color="#c44e52", label="model")
+    ax.plot([c or 0.0 for c, _ in rel], [a or 0.0 for _, a in rel], "o-", color="#c44e52", label="model")
     ax.set_xlabel("word confidence")
     ax.set_ylabel("share of words right")
     ax.set_xlim(0, 1)
@@ -317,7 +317,7 @@ def run_evaluate(*, manifest: str, out: str, settings: JobSettings, quiet: bool 
     metrics = replace(
         score(rows, read_references(manifest, settings.storage)),
         manifest=manifest,
-        model_id=(summary.model_ids or [None])[0],
+        model_id=summary.model_ids[0] if summary.model_ids else None,
         att_context=list(rows[0].att_context) if rows and rows[0].att_context else None,
         labels=labels,
     )

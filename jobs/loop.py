@@ -37,6 +37,7 @@ from asr.train_settings import TrainSettings
 from demo import accent, speech
 from jobs.cards import GateVerdict, Promotion
 from jobs.evaluate import Evaluation, pct
+from labeling.export import ExportSummary
 from labeling.ingest import RouteReport
 from records.manifest import manifest_base, read_manifest
 
@@ -153,7 +154,7 @@ class LoopReport:
     #: Original-language WER (normalized) per language and ``all``.
     original: dict[str, Change]
     review: ReviewFigures
-    export: dict[str, Any]
+    export: ExportSummary
     pseudo_labels_in_train: PseudoLabelQuality
     model: ModelOutcome
     timings_s: dict[str, float]

@@ -237,7 +237,7 @@ def _process(
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
 
-    ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
+    ds: ray.data.Dataset = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
     # read and decode book the same CPU, so Ray Data fuses them into one task per shard (one
     # worker process fewer to start while the actors load their model)
     ds = ds.flat_map(ReadStage(settings), num_cpus=1)

@@ -13,7 +13,7 @@ they are pessimistic for the confident end; review a random sample too for an un
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -47,18 +47,42 @@ class LanguageCalibration:
                 best = conf
         return best
 
-    def bins(self, edges: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.01)) -> list[dict[str, Any]]:
+    def bins(self, edges: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.01)) -> list[ConfidenceBin]:
         out = []
         for lo, hi in zip(edges, edges[1:], strict=False):
             inside = [(e, n) for c, e, n in self.points if lo <= c < hi]
             e, n = sum(x for x, _ in inside), sum(y for _, y in inside)
-            out.append(
-                {"confidence": f"{lo:.1f}-{min(hi, 1.0):.1f}", "clips": len(inside), "wer": e / n if n else None}
-            )
+            out.append(ConfidenceBin(f"{lo:.1f}-{min(hi, 1.0):.1f}", len(inside), e / n if n else None))
         return out
 
 
-def calibrate(queue: ReviewQueue, project: str, *, target_wer: float = 0.05) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class ConfidenceBin:
+    confidence: str
+    clips: int
+    wer: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LanguageThreshold:
+    reviewed_clips: int
+    pseudo_label_wer: float
+    #: The lowest utterance confidence whose clips meet the target WER (None: none does).
+    suggested_threshold: float | None
+    bins: list[ConfidenceBin]
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    project: str
+    target_wer: float
+    languages: dict[str, LanguageThreshold]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibrate(queue: ReviewQueue, project: str, *, target_wer: float = 0.05) -> Calibration:
     per_lang: dict[str, LanguageCalibration] = {}
     with queue.Session() as s:
         pid = queue.project_id(s, project)
@@ -77,16 +101,8 @@ def calibrate(queue: ReviewQueue, project: str, *, target_wer: float = 0.05) -> 
         e, n = word_errors(corrected or "", text or "")
         cal.clips, cal.errors, cal.words = cal.clips + 1, cal.errors + e, cal.words + n
         cal.points.append((float(conf), e, n))
-    return {
-        "project": project,
-        "target_wer": target_wer,
-        "languages": {
-            lang: {
-                "reviewed_clips": cal.clips,
-                "pseudo_label_wer": cal.wer,
-                "suggested_threshold": cal.threshold_for(target_wer),
-                "bins": cal.bins(),
-            }
-            for lang, cal in sorted(per_lang.items())
-        },
+    languages = {
+        lang: LanguageThreshold(cal.clips, cal.wer, cal.threshold_for(target_wer), cal.bins())
+        for lang, cal in sorted(per_lang.items())
     }
+    return Calibration(project, target_wer, languages)

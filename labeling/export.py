@@ -51,9 +51,23 @@ def in_dev(clip_id: str, fraction: float) -> bool:
     return bucket < fraction
 
 
+@dataclass(frozen=True, slots=True)
+class ExportSummary:
+    """``export.json``: lines per split, then per origin (``review`` | ``pseudo``), then per language."""
+
+    project: str
+    out: str
+    options: ExportOptions
+    train: dict[str, dict[str, int]]
+    dev: dict[str, dict[str, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def export_manifests(
     queue: ReviewQueue, project: str, out: str | Path, options: ExportOptions | None = None
-) -> dict[str, Any]:
+) -> ExportSummary:
     options = options or ExportOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,10 +99,11 @@ def export_manifests(
                 counts[(split, entry.origin or "-", entry.target_lang or "-")] += 1
     for name in ("train", "dev"):
         (out / f"{name}.jsonl.part").replace(out / f"{name}.jsonl")
-    summary: dict[str, Any] = {"project": project, "out": str(out), "options": asdict(options)}
+    splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "dev": {}}
     for (split, origin, lang), n in sorted(counts.items()):
-        summary.setdefault(split, {}).setdefault(origin, {})[lang] = n
-    (out / "export.json").write_text(json.dumps(summary, indent=2))
+        splits[split].setdefault(origin, {})[lang] = n
+    summary = ExportSummary(project, str(out), options, train=splits["train"], dev=splits["dev"])
+    (out / "export.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
 
 

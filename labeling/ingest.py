@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RouteReport:
+    """What ``earmark route`` did: rows read, clips written, decisions taken."""
+
     rows: int = 0
     inserted: int = 0
     updated: int = 0
@@ -46,7 +48,7 @@ class RouteReport:
     decisions: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def read_batches(

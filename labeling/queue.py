@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, exists, func, or_, select, update
+from sqlalchemy import Engine, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from labeling.db import make_engine, sessions, upgrade
@@ -458,13 +458,3 @@ def _free(task: Task) -> None:
 def _aware(at: dt.datetime) -> dt.datetime:
     """SQLite gives naive datetimes back; they were written in UTC."""
     return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
-
-
-def expire_before(now: dt.datetime | None = None) -> Any:
-    """The UPDATE that returns every expired claim to the queue (for a periodic sweep)."""
-    now = now or utcnow()
-    return (
-        update(Task)
-        .where(Task.state == "claimed", Task.lease_expires_at <= now)
-        .values(state="open", claimed_by=None, lease_expires_at=None, version=Task.version + 1)
-    )

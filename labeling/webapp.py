@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -170,21 +171,15 @@ def create_app(settings: Settings, queue: ReviewQueue | None = None) -> FastAPI:
             raise HTTPException(
                 422, f"language {body.lang!r} is not a locale of the model: {', '.join(settings.locales)}"
             )
-        with queue_errors():
-            queue.submit(task_id, user.id, text=body.text.strip(), lang=body.lang, flags=body.flags)
-        return {"ok": True}
+        return queue_action(queue.submit, task_id, user.id, text=body.text.strip(), lang=body.lang, flags=body.flags)
 
     @app.post("/api/tasks/{task_id}/skip")
     def skip(task_id: int, user: User) -> dict[str, bool]:
-        with queue_errors():
-            queue.skip(task_id, user.id)
-        return {"ok": True}
+        return queue_action(queue.skip, task_id, user.id)
 
     @app.post("/api/tasks/{task_id}/release")
     def release(task_id: int, user: User) -> dict[str, bool]:
-        with queue_errors():
-            queue.release(task_id, user.id)
-        return {"ok": True}
+        return queue_action(queue.release, task_id, user.id)
 
     @app.get("/api/clips/{clip_id}/audio")
     def audio(clip_id: str, user: User) -> Response:
@@ -223,18 +218,14 @@ def create_app(settings: Settings, queue: ReviewQueue | None = None) -> FastAPI:
 
     @app.post("/api/admin/tasks/{task_id}/reopen")
     def reopen(task_id: int, user: Admin) -> dict[str, bool]:
-        with queue_errors():
-            queue.reopen(task_id, user.id)
-        return {"ok": True}
+        return queue_action(queue.reopen, task_id, user.id)
 
     @app.post("/api/admin/tasks/{task_id}/reassign")
     def reassign(task_id: int, body: Reassign, user: Admin) -> dict[str, bool]:
         target = next((r for r in queue.reviewers() if r.name == body.reviewer and r.active), None)
         if target is None:
             raise HTTPException(422, f"no active reviewer named {body.reviewer!r}")
-        with queue_errors():
-            queue.reassign(task_id, user.id, target.id, lease_s=settings.lease_s)
-        return {"ok": True}
+        return queue_action(queue.reassign, task_id, user.id, target.id, lease_s=settings.lease_s)
 
     @app.get("/api/admin/labelstudio/export")
     def labelstudio_export(request: Request, user: Admin) -> list[dict[str, Any]]:
@@ -258,16 +249,13 @@ def create_app(settings: Settings, queue: ReviewQueue | None = None) -> FastAPI:
     return app
 
 
-class queue_errors:
-    """QueueError -> 409 with the queue's message."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        if isinstance(exc, QueueError):
-            raise HTTPException(409, str(exc)) from None
-        return False
+def queue_action(action: Callable[..., None], *args: Any, **kwargs: Any) -> dict[str, bool]:
+    """Run a queue operation for a route: ``{"ok": true}``, or 409 with the queue's message."""
+    try:
+        action(*args, **kwargs)
+    except QueueError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return {"ok": True}
 
 
 def task_json(task: TaskView) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from typing import Any
 
 #: The manifest key NeMo's prompt dataset reads the locale from (its ``lang_field``).
 LANG_FIELD = "target_lang"
+#: What a training or dev line must have (besides ``target_lang``, which names the prompt).
+REQUIRED_FOR_TRAINING = ("audio_filepath", "duration", "text")
 #: ``origin`` of an exported line: a reviewer's correction, or a pseudo-label the router trusted.
 ORIGIN_REVIEW, ORIGIN_PSEUDO = "review", "pseudo"
 #: File names that are manifests (a folder or prefix is a listing of audio instead).
@@ -81,6 +83,10 @@ class ManifestEntry:
     def requested_lang(self) -> str | None:
         """What to prompt the model with: ``lang`` (``auto`` included), else ``target_lang``."""
         return self.lang or self.target_lang or None
+
+    def missing(self, *names: str) -> list[str]:
+        """Those of the fields ``names`` this line does not have (absent or empty)."""
+        return [name for name in names if getattr(self, name) in (None, "")]
 
     def with_audio(self, audio_filepath: str) -> ManifestEntry:
         return replace(self, audio_filepath=audio_filepath)

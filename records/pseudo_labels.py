@@ -94,10 +94,9 @@ class TranscriptLike(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Segment:
-    """A clip on its way to the model: which audio, from which input line, and whether it could
-    be read. A batch job's input line becomes one segment, or several when a long recording is
-    cut at pauses; :meth:`PseudoLabel.of` turns a segment and its transcript into the row."""
+class Clip:
+    """What every row knows of its clip: its identity, where its audio is, what was asked of the
+    model, and why it failed (None: it did not)."""
 
     clip_id: str
     item_id: str
@@ -107,10 +106,16 @@ class Segment:
     duration_s: float | None
     segment_index: int
     segment_count: int
-    lang_requested: str
+    lang_requested: str | None
     ref_text: str | None
-    #: Why the clip cannot be transcribed (None: it can).
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Segment(Clip):
+    """A clip on its way to the model. A batch job's input line becomes one segment, or several
+    when a long recording is cut at pauses; :meth:`PseudoLabel.of` turns a segment and its
+    transcript into the row."""
 
     def with_error(self, error: str) -> Segment:
         return replace(self, error=error)
@@ -136,35 +141,28 @@ class Segment:
         )
 
     def to_row(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _CLIP_FIELDS}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Segment:
-        return cls(**{f.name: plain(row[f.name]) for f in fields(cls)})
+        return cls(**{name: plain(row[name]) for name in _CLIP_FIELDS})
 
 
-@dataclass(frozen=True, slots=True)
-class PseudoLabel:
-    """One row of the table (see :data:`SCHEMA` for what each field means)."""
+_CLIP_FIELDS = tuple(f.name for f in fields(Clip))
 
-    clip_id: str
-    item_id: str
-    source_uri: str
-    source_hash: str | None
-    offset_s: float
-    duration_s: float | None
-    segment_index: int
-    segment_count: int
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PseudoLabel(Clip):
+    """One row of the table: a clip and what the model made of it (see :data:`SCHEMA` for what
+    each field means)."""
+
     status: str
-    error: str | None
     text: str | None
     text_raw: str | None
-    lang_requested: str | None
     lang_detected: str | None
     sentences: tuple[Sentence, ...]
     words: tuple[Word, ...]
     confidence: float | None
-    ref_text: str | None
     model_id: str | None
     att_context: tuple[int, int] | None
     run_id: str
@@ -194,24 +192,15 @@ class PseudoLabel:
         empty text), or an error row when the segment or ``error`` says it failed."""
         reason = error or segment.error
         label = cls(
-            clip_id=segment.clip_id,
-            item_id=segment.item_id,
-            source_uri=segment.source_uri,
-            source_hash=segment.source_hash,
-            offset_s=segment.offset_s,
-            duration_s=segment.duration_s,
-            segment_index=segment.segment_index,
-            segment_count=segment.segment_count,
-            status=STATUS_OK if reason is None else STATUS_ERROR,
+            **{name: getattr(segment, name) for name in _CLIP_FIELDS if name != "error"},
             error=reason,
+            status=STATUS_OK if reason is None else STATUS_ERROR,
             text=None if reason else "",
             text_raw=None if reason else "",
-            lang_requested=segment.lang_requested,
             lang_detected=None,
             sentences=(),
             words=(),
             confidence=None,
-            ref_text=segment.ref_text,
             model_id=model_id,
             att_context=att_context,
             run_id=run_id,
@@ -231,7 +220,7 @@ class PseudoLabel:
         )
 
     def to_row(self) -> dict[str, Any]:
-        row = {f.name: getattr(self, f.name) for f in fields(self)}
+        row = {name: getattr(self, name) for name in COLUMNS}
         row["sentences"] = [s.to_row() for s in self.sentences]
         row["words"] = [w.to_row() for w in self.words]
         row["att_context"] = None if self.att_context is None else list(self.att_context)
@@ -252,7 +241,9 @@ def _column(name: str, type_: pa.DataType, doc: str, *, nullable: bool = True) -
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
 
-WORD = pa.struct([("word", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("confidence", pa.float64())])
+WORD = pa.struct(
+    [("word", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("confidence", pa.float64())]
+)
 SENTENCE = pa.struct(
     [
         ("text", pa.string()),
@@ -304,7 +295,9 @@ SCHEMA = pa.schema(
         _column("status", pa.string(), "`ok` or `error`", nullable=False),
         _column("error", pa.string(), "why the clip failed (decoder, storage or model message); null when `ok`"),
         _column("text", pa.string(), 'the transcript without language tags; `""` when nothing was recognised'),
-        _column("text_raw", pa.string(), "exactly what the model wrote, tags included (`Hola. <es-ES> Hello. <en-US>`)"),
+        _column(
+            "text_raw", pa.string(), "exactly what the model wrote, tags included (`Hola. <es-ES> Hello. <en-US>`)"
+        ),
         _column("lang_requested", pa.string(), "`auto` or the locale the model was prompted with"),
         _column("lang_detected", pa.string(), "the language of most words, from the per-sentence tags"),
         _column(
@@ -343,31 +336,23 @@ SCHEMA = pa.schema(
 )
 
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
-if COLUMNS != tuple(f.name for f in fields(PseudoLabel)):  # the record and the schema are one definition
+if sorted(COLUMNS) != sorted(f.name for f in fields(PseudoLabel)):  # the record and the schema are one definition
     raise AssertionError("PseudoLabel's fields and SCHEMA's columns differ")
 
 
-@dataclass(frozen=True, slots=True)
 class _Columns:
-    """Column names for columnar work on a table (``table.column(COL.status)``)."""
+    """Column names for columnar work on a table: ``table.column(COL.status)``. A name that is not
+    a column of :data:`SCHEMA` raises at once."""
 
-    clip_id: str = "clip_id"
-    item_id: str = "item_id"
-    source_uri: str = "source_uri"
-    offset_s: str = "offset_s"
-    duration_s: str = "duration_s"
-    segment_index: str = "segment_index"
-    segment_count: str = "segment_count"
-    status: str = "status"
-    error: str = "error"
-    lang_detected: str = "lang_detected"
-    confidence: str = "confidence"
-    model_id: str = "model_id"
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> str:
+        if name not in COLUMNS:
+            raise AttributeError(f"the pseudo-label table has no column {name!r}; its columns: {', '.join(COLUMNS)}")
+        return name
 
 
 COL = _Columns()
-if any(getattr(COL, f.name) not in COLUMNS for f in fields(COL)):
-    raise AssertionError("COL names a column SCHEMA does not have")
 
 
 def to_table(labels: Iterable[PseudoLabel], schema: pa.Schema = SCHEMA) -> pa.Table:

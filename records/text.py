@@ -36,10 +36,6 @@ class TaggedSentence:
     lang: str | None
 
 
-def is_tag(token: str) -> bool:
-    return TAG_RE.fullmatch(token.strip()) is not None
-
-
 def split_tagged(text: str) -> list[TaggedSentence]:
     """Split model output into sentences, each with the tag that closed it."""
     out: list[TaggedSentence] = []

@@ -62,5 +62,5 @@ def test_the_loop_improves_the_new_accent_keeps_the_original_languages_and_promo
     # the export's train manifest went into fine-tuning unchanged (its hash is on the card)
     digest = hashlib.sha256((out / "export" / "train.jsonl").read_bytes()).hexdigest()
     assert card.data["train"][0].sha256 == digest
-    exported = sum(n for by_lang in report.export["train"].values() for n in by_lang.values())
+    exported = sum(n for by_lang in report.export.train.values() for n in by_lang.values())
     assert card.data["train"][0].lines == exported

@@ -214,12 +214,12 @@ def test_killing_the_driver_then_rerunning_gives_every_clip_exactly_once(archive
     _, reference, ref_rows = job
     rows = pq.read_table(out).to_pylist()
     assert sorted(r["clip_id"] for r in rows) == sorted(r["clip_id"] for r in ref_rows)
-    assert summary.rows == summary.unique_clip_ids == reference.rows
-    assert 0 < summary.this_run.rows_transcribed < reference.rows  # only the unfinished part was redone
+    assert summary["rows"] == summary["unique_clip_ids"] == reference.rows
+    assert 0 < summary["this_run"]["rows_transcribed"] < reference.rows  # only the unfinished part was redone
     assert parts_before >= 3
     print(  # the figures for a reader (pytest -s)
-        f"killed after {parts_before} parts; the rerun transcribed {summary.this_run.rows_transcribed} of "
-        f"{reference.rows} rows; the output holds {summary.rows} rows, {summary.unique_clip_ids} clip ids"
+        f"killed after {parts_before} parts; the rerun transcribed {summary['this_run']['rows_transcribed']} of "
+        f"{reference.rows} rows; the output holds {summary['rows']} rows, {summary['unique_clip_ids']} clip ids"
     )
 
 
@@ -318,8 +318,8 @@ def test_the_job_runs_across_a_multi_node_ray_cluster(archive: Path, tmp_path: P
     finally:
         stop_cluster()
     summary = json.loads(result.stdout)
-    assert summary.rows == summary.clips_ok == len(manifest.read_text().splitlines())
-    per_node = summary.this_run.clips_per_node
+    assert summary["rows"] == summary["clips_ok"] == len(manifest.read_text().splitlines())
+    per_node = summary["this_run"]["clips_per_node"]
     assert len(per_node) == 2 and min(per_node.values()) > 0, per_node
 
 
@@ -354,7 +354,7 @@ def test_a_killed_model_worker_is_replaced_and_the_job_ends_with_every_clip_once
     _, reference, ref_rows = job
     rows = pq.read_table(out).to_pylist()
     assert sorted(r["clip_id"] for r in rows) == sorted(r["clip_id"] for r in ref_rows)
-    assert summary.rows == summary.unique_clip_ids == reference.rows
+    assert summary["rows"] == summary["unique_clip_ids"] == reference.rows
 
 
 def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhotse_load(job, tmp_path: Path) -> None:
@@ -403,7 +403,7 @@ def test_round_trip_from_pseudo_labels_through_review_to_manifests_nemo_and_lhot
         segment["duration"], abs=0.01
     )
     assert cut.supervisions[0].text == segment["text"] and cut.supervisions[0].language == segment["target_lang"]
-    assert export["train"]["review"] and export["dev"]["review"]
+    assert export.train["review"] and export.dev["review"]
 
 
 def test_evaluate_scores_a_manifest_per_language_and_writes_a_report(ray_local, corpus, tmp_path: Path) -> None:

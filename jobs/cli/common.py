@@ -4,9 +4,10 @@ for jobs, and loading a model or audio with a clear error. Nothing heavy is impo
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Protocol, TypeVar
 
 import typer
 
@@ -58,6 +59,29 @@ def ray_job(address: str | None) -> Iterator[None]:
 
     with contextlib.redirect_stdout(sys.stderr), ray_session(address):
         yield
+
+
+_R = TypeVar("_R", bound="Result")
+
+
+class Result(Protocol):
+    """What a job returns: a record with one JSON form."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def run_job(job: Callable[[], _R], *, address: str | None, errors: tuple[type[Exception], ...], as_json: bool) -> _R:
+    """Run ``job`` in a Ray session for the command line (:func:`ray_job`) and return its result,
+    having printed it as JSON when ``as_json``; the ``errors`` it raises become one clear message
+    and exit status 2."""
+    try:
+        with ray_job(address):
+            result = job()
+    except errors as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    return result
 
 
 def load_engine(model: str, device: str | None) -> Transcriber:

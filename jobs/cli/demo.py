@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli.common import AttOpt, DeviceOpt, ModelOpt, fail, parse_att_context, ray_job
+from jobs.cli.common import AttOpt, DeviceOpt, ModelOpt, fail, parse_att_context, run_job
 
 demo_app = typer.Typer(help="The bundled demos: the main job on the sample corpus, and the closed loop.")
 
@@ -83,11 +83,12 @@ def demo_loop(
         if not 0 < low <= high:
             raise typer.BadParameter(f"{speed!r}: MIN must be positive and at most MAX, e.g. 135,190")
         settings = replace(settings, speed=(low, high))
-    try:
-        with ray_job(None):
-            report = run_loop(out.resolve(), settings, say=lambda m: typer.echo(m, err=True))
-    except (FinetuneError, ManifestError, ValueError, OSError) as exc:
-        fail(str(exc))
+    report = run_job(
+        lambda: run_loop(out.resolve(), settings, say=lambda m: typer.echo(m, err=True)),
+        address=None,
+        errors=(FinetuneError, ManifestError, ValueError, OSError),
+        as_json=False,
+    )
     acc = report.accent
     typer.echo(
         f"accent ({accent_name(acc)}): WER {pct(acc.wer_before)} -> {pct(acc.wer_after)} "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from jobs.cli.common import AddressOpt, fail, ray_job
+from jobs.cli.common import AddressOpt, fail, run_job
 
 if TYPE_CHECKING:
     from jobs.cards import ModelCard
@@ -89,38 +89,20 @@ def finetune(
     try:
         shares = [float(x) for x in mix.split(",")] if mix else None
         settings = TrainSettings(
-            max_steps=max_steps,
-            lr=lr,
-            freeze=freeze,
-            batch_duration=batch_seconds,
-            steps_per_epoch=steps_per_checkpoint,
-            merge=merge,
-            anchor=anchor,
-            anchor_at=anchor_at,
-        )
+            max_steps=max_steps, lr=lr, freeze=freeze, batch_duration=batch_seconds,
+            steps_per_epoch=steps_per_checkpoint, merge=merge, anchor=anchor, anchor_at=anchor_at,
+        )  # fmt: skip
         req = FinetuneRequest(
-            train=list(train),
-            replay=list(replay or []),
-            dev=list(dev),
-            registry=registry,
-            base=base,
-            name=name,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            cpus_per_worker=cpus_per_worker,
-            settings=settings,
-            storage=StorageOptions.from_env(),
-            max_failures=max_failures,
-            mix=shares,
-        )
-        with ray_job(address):
-            card = run_finetune(req)
-    except (FinetuneError, ManifestError, RegistryError, ValueError, OSError) as exc:
+            train=list(train), replay=list(replay or []), mix=shares, dev=list(dev),
+            registry=registry, base=base, name=name, settings=settings, storage=StorageOptions.from_env(),
+            workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+        )  # fmt: skip
+    except ValueError as exc:
         fail(str(exc))
-    if json_out:
-        typer.echo(json.dumps(card.to_dict(), indent=2))
-        return
-    _print_comparison(card)
+    errors = (FinetuneError, ManifestError, RegistryError, ValueError, OSError)
+    card = run_job(lambda: run_finetune(req), address=address, errors=errors, as_json=json_out)
+    if not json_out:
+        _print_comparison(card)
 
 
 def _print_comparison(card: ModelCard) -> None:
@@ -158,7 +140,7 @@ def list_models(
     from jobs.evaluate import pct
 
     reg = _open(registry)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in reg.names():
         promoted = reg.promoted(name)
         for version in reg.versions(name):

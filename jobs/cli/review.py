@@ -87,7 +87,7 @@ def export(
 
     options = ExportOptions(dev_fraction=dev_fraction, min_confidence=min_confidence, include_pseudo=not reviewed_only)
     try:
-        typer.echo(json.dumps(export_manifests(open_queue(db), project, out, options), indent=2))
+        typer.echo(json.dumps(export_manifests(open_queue(db), project, out, options).to_dict(), indent=2))
     except QueueError as exc:
         fail(str(exc))
 
@@ -112,13 +112,13 @@ def calibrate(
     table = Table(title=f"confidence calibration for {project} (target WER {target_wer:.0%})")
     for col in ("language", "reviewed", "pseudo-label WER", "suggested threshold", "WER by confidence"):
         table.add_column(col)
-    for lang, cal in result["languages"].items():
-        bins = "  ".join(f"{b['confidence']}: {b['wer']:.0%}" for b in cal["bins"] if b["wer"] is not None)
-        threshold = "-" if cal["suggested_threshold"] is None else f"{cal['suggested_threshold']:.2f}"
-        table.add_row(lang, str(cal["reviewed_clips"]), f"{cal['pseudo_label_wer']:.1%}", threshold, bins)
+    for lang, cal in result.languages.items():
+        bins = "  ".join(f"{b.confidence}: {b.wer:.0%}" for b in cal.bins if b.wer is not None)
+        threshold = "-" if cal.suggested_threshold is None else f"{cal.suggested_threshold:.2f}"
+        table.add_row(lang, str(cal.reviewed_clips), f"{cal.pseudo_label_wer:.1%}", threshold, bins)
     Console().print(table)
     if out:
-        out.write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result.to_dict(), indent=2))
 
 
 @reviewers_app.command("add")

@@ -17,8 +17,8 @@ from jobs.cli.common import (
     fail,
     load_engine,
     parse_att_context,
-    ray_job,
     read_audio,
+    run_job,
 )
 
 if TYPE_CHECKING:
@@ -123,24 +123,12 @@ def transcribe(
     options = TranscribeOptions(lang=lang, att_context=parse_att_context(att_context), batch_seconds=batch_seconds)
     settings = JobSettings(run_id="", model=model, options=options, device=device, storage=storage_options)
     request = TranscribeRequest(
-        input=input,
-        out=out,
-        settings=settings,
-        actors=actors,
-        gpus_per_actor=gpus_per_actor,
-        lines_per_shard=shard_size,
-        batch_rows=batch_size,
-        quiet=quiet,
-    )
-    try:
-        with ray_job(address):
-            summary = run_transcribe(request)
-    except (JobError, ValueError) as exc:
-        fail(str(exc))
-    if quiet:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
-        return
-    print_summary(summary)
+        input=input, out=out, settings=settings, actors=actors, gpus_per_actor=gpus_per_actor,
+        lines_per_shard=shard_size, batch_rows=batch_size, quiet=quiet,
+    )  # fmt: skip
+    summary = run_job(lambda: run_transcribe(request), address=address, errors=(JobError, ValueError), as_json=quiet)
+    if not quiet:
+        print_summary(summary)
 
 
 def print_summary(summary: TranscribeSummary) -> None:
@@ -179,13 +167,13 @@ def evaluate(
 
     options = TranscribeOptions(att_context=parse_att_context(att_context))
     settings = JobSettings(run_id="", model=model, options=options, device=device, storage=StorageOptions.from_env())
-    try:
-        with ray_job(address):
-            metrics = run_evaluate(manifest=manifest, out=out, settings=settings, quiet=quiet)
-    except (JobError, ValueError, OSError) as exc:
-        fail(str(exc))
+    metrics = run_job(
+        lambda: run_evaluate(manifest=manifest, out=out, settings=settings, quiet=quiet),
+        address=address,
+        errors=(JobError, ValueError, OSError),
+        as_json=quiet,
+    )
     if quiet:
-        typer.echo(json.dumps(metrics.to_dict(), indent=2))
         return
     from rich.console import Console
     from rich.table import Table
