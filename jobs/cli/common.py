@@ -61,13 +61,13 @@ def ray_job(address: str | None) -> Iterator[None]:
         yield
 
 
-_R = TypeVar("_R", bound="Result")
-
-
 class Result(Protocol):
     """What a job returns: a record with one JSON form."""
 
     def to_dict(self) -> dict[str, Any]: ...
+
+
+_R = TypeVar("_R", bound=Result)
 
 
 def run_job(job: Callable[[], _R], *, address: str | None, errors: tuple[type[Exception], ...], as_json: bool) -> _R:
