@@ -51,7 +51,7 @@ def write_table(folder: Path, rows: int, *, part_rows: int = 100_000, seed: int 
             error = i % 100 == 99
             clip = f"{i:016x}"
             segment = Segment(
-                clip, clip, f"s3://archive/{i // 1000}/{i}.flac", None, 0.0, round(n * 0.4, 2), 0, 1, "auto", None
+                clip, clip, f"s3://archive/{i // 1000}/{i}.flac", None, 0.0, round(n * 0.4, 2), 0, 1, "auto", None, None
             )
             transcript = Transcript(
                 text=text,

@@ -75,11 +75,21 @@ class ReadStage:
             if isinstance(ref, InputError):
                 where = f"{shard.manifest}#byte={ref.byte}"
                 item = clip_id(where, 0.0, None)
-                segment = Segment(item, item, where, None, 0.0, None, 0, 1, lang, None, error=str(ref))
+                segment = Segment(item, item, where, None, 0.0, None, 0, 1, lang, None, str(ref))
             else:
                 item = ref.clip_id
                 segment = Segment(
-                    item, item, ref.source_uri, None, ref.offset_s, ref.duration_s, 0, 1, ref.lang or lang, ref.text
+                    item,
+                    item,
+                    ref.source_uri,
+                    None,
+                    ref.offset_s,
+                    ref.duration_s,
+                    0,
+                    1,
+                    ref.lang or lang,
+                    ref.text,
+                    None,
                 )
             rows.append(segment.to_row() | {"shard": shard.index, "shard_items": len(items), "item_index": k})
         return rows

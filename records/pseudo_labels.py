@@ -2,9 +2,9 @@
 
 One row per clip, ``ok`` or ``error``, in Parquet files that DuckDB, pandas and ``datasets``
 read as they are. This module is the table's one definition: the records (:class:`Word`,
-:class:`Sentence`, :class:`Segment`, :class:`PseudoLabel`), the Arrow :data:`SCHEMA` with each
-column's meaning, and the converters between records, rows (plain dicts, as pyarrow gives
-them) and tables. ``docs/pseudo-labels.md`` holds the table :func:`markdown_table` prints (a
+:class:`Sentence`; :class:`Clip`, whose fields a :class:`Segment` on its way to the model and a
+:class:`PseudoLabel` share), the Arrow :data:`SCHEMA` with each column's meaning, and the
+converters between records, rows (plain dicts, as pyarrow gives them) and tables. ``docs/pseudo-labels.md`` holds the table :func:`markdown_table` prints (a
 test checks that it does). The schema's version is stored in each file's metadata
 (``earmark.schema_version``).
 
@@ -108,7 +108,7 @@ class Clip:
     segment_count: int
     lang_requested: str | None
     ref_text: str | None
-    error: str | None = None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +151,7 @@ class Segment(Clip):
 _CLIP_FIELDS = tuple(f.name for f in fields(Clip))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class PseudoLabel(Clip):
     """One row of the table: a clip and what the model made of it (see :data:`SCHEMA` for what
     each field means)."""
@@ -361,8 +361,36 @@ def to_table(labels: Iterable[PseudoLabel], schema: pa.Schema = SCHEMA) -> pa.Ta
 
 
 def from_table(table: pa.Table) -> list[PseudoLabel]:
-    """The records of a table that has every column of :data:`SCHEMA` (more are ignored)."""
-    return [PseudoLabel.from_row(row) for row in table.select(list(COLUMNS)).to_pylist()]
+    """The records of a table that has every column of :data:`SCHEMA` (more are ignored).
+
+    Column by column rather than row by row (``to_pylist`` and :meth:`PseudoLabel.from_row`):
+    ``earmark route`` reads a million rows twice, and this is 3x faster."""
+    columns = {name: table.column(name) for name in COLUMNS}
+    values: dict[str, list[Any]] = {name: column.to_pylist() for name, column in columns.items() if name not in _NESTED}
+    values["words"] = _nested(columns["words"], Word)
+    values["sentences"] = _nested(columns["sentences"], Sentence)
+    values["att_context"] = [None if a is None else (a[0], a[1]) for a in columns["att_context"].to_pylist()]
+    values["confidence"] = [None if c is None or c != c else c for c in values["confidence"]]  # NaN: none
+    return [PseudoLabel(*row) for row in zip(*(values[name] for name in _FIELDS), strict=True)]
+
+
+_NESTED = ("words", "sentences", "att_context")
+_FIELDS = tuple(f.name for f in fields(PseudoLabel))  # the record's order: its clip's fields, then the result's
+
+
+def _nested(column: pa.ChunkedArray, record: type[Word] | type[Sentence]) -> list[tuple[Any, ...]]:
+    """A ``list<struct>`` column as one tuple of records per row (an empty tuple for null)."""
+    out: list[tuple[Any, ...]] = []
+    for chunk in column.chunks:
+        lengths = chunk.value_lengths().fill_null(0).to_pylist()
+        flat = chunk.flatten()  # the values of the valid lists, in order
+        fields_ = [flat.field(i).to_pylist() for i in range(flat.type.num_fields)]
+        items = list(map(record, *fields_))
+        start = 0
+        for n in lengths:
+            out.append(tuple(items[start : start + n]))
+            start += n
+    return out
 
 
 def conform(table: pa.Table) -> pa.Table:
