@@ -69,6 +69,7 @@ def restart_with_allocator_env() -> None:
 def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> str:
     """Start or join Ray once per process; returns where it runs (``embedded`` or the address)."""
     import ray
+    import ray.data  # noqa: F401 - Ray Data sets its loggers up when first imported: before they are quieted
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     for name in ("ray", "ray.data", "ray.train", "ray.serve"):
