@@ -315,7 +315,7 @@ SCHEMA = pa.schema(
             "confidence",
             pa.float64(),
             "utterance confidence: the mean of the word confidences (Tsallis entropy, alpha 1/3, exp normalisation, "
-            "blanks excluded; see `asr/engine.py`)",
+            "blanks excluded; see `asr/loaded.py`)",
         ),
         _column(
             "ref_text",
