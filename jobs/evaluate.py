@@ -33,7 +33,7 @@ from jobs.stages import JobSettings
 from records.clips import clip_id
 from records.manifest import manifest_base, read_manifest
 from records.pseudo_labels import PseudoLabel, Word, from_table
-from records.text import TAG_RE, char_errors, normalize, split_tagged, strip_tags, word_errors
+from records.text import TAG_RE, char_errors, matched_words, normalize, split_tagged, strip_tags, word_errors
 
 BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0001)
 
@@ -172,7 +172,7 @@ def score(labels: list[PseudoLabel], refs: dict[str, Reference]) -> Evaluation:
         confs = [r.confidence for r in segments if r.confidence is not None]
         if confs:
             utterances.append((sum(confs) / len(confs), wer[0] > 0))
-        words += _word_hits(normalize(ref.text), [w for r in segments for w in r.words])
+        words += _word_hits(ref.text, [w for r in segments for w in r.words])
     return Evaluation(
         clips_scored=tallies["all"].clips,
         clips_failed=failed,
@@ -181,24 +181,13 @@ def score(labels: list[PseudoLabel], refs: dict[str, Reference]) -> Evaluation:
     )
 
 
-def _word_hits(ref_norm: str, words: list[Word]) -> list[tuple[float, bool]]:
-    """(confidence, was the word right) for each hypothesis word, from a word alignment."""
-    import jiwer
-
-    hyp = [(normalize(w.word), w.confidence) for w in words]
-    hyp = [(w, c) for w, c in hyp if w]
-    if not hyp or not ref_norm:
-        return [(c, False) for _, c in hyp]
-    out = jiwer.process_words(ref_norm, " ".join(w for w, _ in hyp))
-    right = [False] * len(hyp)
-    for chunk in out.alignments[0]:
-        if chunk.type == "equal":
-            for k in range(chunk.hyp_start_idx, chunk.hyp_end_idx):
-                right[k] = True
-    flat = " ".join(w for w, _ in hyp).split()
-    if len(flat) != len(hyp):  # a "word" that normalizes to two: give up on alignment for this clip
+def _word_hits(reference: str, words: list[Word]) -> list[tuple[float, bool]]:
+    """(confidence, was the word right) for each hypothesis word that has letters, from a word
+    alignment; none when the clip's words do not align one to one."""
+    right = matched_words(reference, [w.word for w in words])
+    if right is None:
         return []
-    return [(c, ok) for (_, c), ok in zip(hyp, right, strict=True)]
+    return [(w.confidence, ok) for w, ok in zip(words, right, strict=True) if normalize(w.word)]
 
 
 def _auroc(points: list[tuple[float, bool]]) -> float | None:

@@ -91,6 +91,31 @@ def char_errors(reference: str, hypothesis: str, *, normalized: bool = True) -> 
     return _edits(list(reference), list(hypothesis), reference, hypothesis, characters=True)
 
 
+def matched_words(reference: str, words: list[str]) -> list[bool] | None:
+    """Which of the hypothesis ``words`` a word alignment with ``reference`` (jiwer) matches, both
+    normalised; None when a word normalises to several (its place in the alignment is unclear).
+
+    >>> matched_words("Hola amigo mío.", ["Hola", "amiga", "mío."])
+    [True, False, True]
+    """
+    hyp = [normalize(w) for w in words]
+    if any(len(h.split()) > 1 for h in hyp):
+        return None
+    ref = normalize(reference)
+    kept = [k for k, h in enumerate(hyp) if h]  # words that normalise to nothing (".") are never right
+    right = [False] * len(words)
+    if not kept or not ref:
+        return right
+    import jiwer
+
+    out = jiwer.process_words(ref, " ".join(hyp[k] for k in kept))
+    for chunk in out.alignments[0]:
+        if chunk.type == "equal":
+            for j in range(chunk.hyp_start_idx, chunk.hyp_end_idx):
+                right[kept[j]] = True
+    return right
+
+
 def _edits(ref: list[str], hyp: list[str], reference: str, hypothesis: str, *, characters: bool) -> tuple[int, int]:
     if not ref:
         return len(hyp), 0
