@@ -89,12 +89,6 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
-        from pydantic import TypeAdapter
-
-        return TypeAdapter(cls).validate_python(data)
-
 
 @dataclass
 class _Tally:

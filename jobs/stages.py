@@ -30,7 +30,7 @@ import numpy as np
 from asr.engine import TranscribeOptions
 from cluster.storage import StorageError, StorageOptions
 from jobs.clips import InputError, Shard, read_shard
-from records.clips import clip_id
+from records.clips import ClipRef
 from records.pseudo_labels import PseudoLabel, Segment, plain
 
 log = logging.getLogger(__name__)
@@ -72,25 +72,15 @@ class ReadStage:
             raise RuntimeError(f"cannot read shard {shard.name} of {shard.manifest}: {exc}") from exc
         rows = []
         for k, ref in enumerate(items):
+            # a bad manifest line is a clip too: its place in the manifest, and why it cannot be read
             if isinstance(ref, InputError):
-                where = f"{shard.manifest}#byte={ref.byte}"
-                item = clip_id(where, 0.0, None)
-                segment = Segment(item, item, where, None, 0.0, None, 0, 1, lang, None, str(ref))
+                ref, error = ClipRef(f"{shard.manifest}#byte={ref.byte}", lang=lang), str(ref)
             else:
-                item = ref.clip_id
-                segment = Segment(
-                    item,
-                    item,
-                    ref.source_uri,
-                    None,
-                    ref.offset_s,
-                    ref.duration_s,
-                    0,
-                    1,
-                    ref.lang or lang,
-                    ref.text,
-                    None,
-                )
+                error = None
+            item = ref.clip_id
+            segment = Segment(
+                item, item, ref.source_uri, None, ref.offset_s, ref.duration_s, 0, 1, ref.lang or lang, ref.text, error
+            )
             rows.append(segment.to_row() | {"shard": shard.index, "shard_items": len(items), "item_index": k})
         return rows
 
