@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -81,7 +82,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     allocator = allocator_env()
     if address:
         # a cluster's workers start with the cluster's environment: this job's get the allocator's
-        ray.init(address=address, runtime_env={"env_vars": allocator} if allocator else None, **kwargs)
+        # (and the retry budget this command was given)
+        env = allocator | {k: os.environ[k] for k in ("EARMARK_RETRY_BUDGET_S",) if k in os.environ}
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)
+        except ConnectionError as exc:
+            raise ClusterUnreachableError(
+                f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0]}); check --address or "
+                "RAY_ADDRESS, and that the head node is up (`ray status --address ...`)"
+            ) from exc
         return address
     os.environ.update(allocator)  # the embedded cluster's workers inherit this process's environment
     # "local": a new in-process cluster, even when `ray start` left an address file behind
@@ -108,6 +117,54 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, quie
         yield connect(address, num_cpus=num_cpus, quiet=quiet)
     finally:
         disconnect()
+
+
+class ClusterUnreachableError(ConnectionError):
+    """The Ray cluster named by ``--address``/``RAY_ADDRESS`` did not answer."""
+
+
+#: Lines Ray's C++ core prints to the driver's stderr that say nothing to an earmark user. Ray
+#: Data hands its actors their constructor arguments through the object store and lets them
+#: restart, and the core warns about that combination at ERROR level on every job; earmark's
+#: committer is what keeps output exactly once when an actor is lost.
+HARMLESS_NATIVE_LINES = (re.compile(rb"has constructor arguments in the object store and max_restarts > 0"),)
+
+
+@contextmanager
+def filtered_native_stderr(patterns: Sequence[re.Pattern[bytes]] = HARMLESS_NATIVE_LINES) -> Iterator[None]:
+    """Drop the lines matching ``patterns`` from whatever this process writes to file
+    descriptor 2 during the block (Ray's C++ core writes there, below Python's ``sys.stderr``);
+    everything else passes through unchanged, line by line."""
+    import sys
+    import threading
+
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            pending = b""
+            while chunk := pipe.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not any(p.search(line) for p in patterns):
+                        os.write(saved, line + b"\n")
+            if pending and not any(p.search(pending) for p in patterns):
+                os.write(saved, pending)
+
+    thread = threading.Thread(target=pump, name="earmark-stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes here, so the pump sees the end
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 class NotConnectedError(RuntimeError):

@@ -15,7 +15,9 @@ b'ell'
 PosixPath('/home/me/.cache/earmark/s3/audio/2c7c3d5f244f1a40-5d41402abc4b2a76b9719d911017c592/hello.txt')
 
 Every failure is a ``StorageError`` (an ``OSError``) that names the URI, what went wrong and
-what to do about it.
+what to do about it. Transient faults of S3 (a refused connection, a timeout, a 5xx, throttling)
+are retried with backoff for up to :func:`cluster.retry.budget_s` seconds before they become a
+``StorageError`` with ``transient=True``; see :mod:`cluster.retry`.
 """
 
 from __future__ import annotations
@@ -25,16 +27,20 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from cluster import retry
+
 if TYPE_CHECKING:
     import pyarrow.fs
+
+_T = TypeVar("_T")
 
 _CREDENTIALS_HINT = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or EARMARK_S3_ENDPOINT_URL"
 _ACCESS_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
@@ -43,14 +49,19 @@ _MISSING_CODES = {"404", "NotFound", "NoSuchKey", "NoSuchBucket"}
 
 
 class StorageError(OSError):
-    """A URI could not be read or written; the message says which, why and what to do."""
+    """A URI could not be read or written; the message says which, why and what to do.
 
-    def __init__(self, uri: str, problem: str) -> None:
+    ``transient`` is True when the store could not be reached (after retrying for the budget):
+    the same call may succeed later, and a job that stops on it can be rerun to resume.
+    """
+
+    def __init__(self, uri: str, problem: str, transient: bool = False) -> None:
         super().__init__(f"{uri}: {problem}")
-        self.uri, self.problem = uri, problem
+        self.uri, self.problem, self.transient = uri, problem, transient
 
-    def __reduce__(self) -> tuple[type[StorageError], tuple[str, str]]:
-        return StorageError, (self.uri, self.problem)  # survives pickling (Ray ships errors between processes)
+    def __reduce__(self) -> tuple[type[StorageError], tuple[str, str, bool]]:
+        # survives pickling (Ray ships errors between processes)
+        return StorageError, (self.uri, self.problem, self.transient)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +109,9 @@ def read_bytes(
     if offset is not None or length is not None:
         end = "" if length is None else str(start + length - 1)
         extra["Range"] = f"bytes={start}-{end}"
-    with _s3_errors(uri, bucket):
-        body: bytes = s3_client(options).get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+    body: bytes = _s3(
+        uri, bucket, lambda: s3_client(options).get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+    )
     return body
 
 
@@ -113,8 +125,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
                 tmp.write_bytes(data)
         return
     bucket, key = _split_s3(uri)
-    with _s3_errors(uri, bucket):
-        s3_client(options).put_object(Bucket=bucket, Key=key, Body=data)
+    _s3(uri, bucket, lambda: s3_client(options).put_object(Bucket=bucket, Key=key, Body=data))
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
@@ -124,14 +135,17 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     from botocore.exceptions import ClientError
 
     bucket, key = _split_s3(uri)
-    with _s3_errors(uri, bucket):
+
+    def head() -> bool:
         try:
             s3_client(options).head_object(Bucket=bucket, Key=key)
         except ClientError as e:
             if _error_code(e) in _MISSING_CODES:
                 return False
             raise
-    return True
+        return True
+
+    return _s3(uri, bucket, head)
 
 
 def size(uri: str, options: StorageOptions | None = None) -> int:
@@ -171,8 +185,7 @@ def upload_file(path: str | os.PathLike[str], uri: str, options: StorageOptions 
         download_file(os.fspath(path), _local_path(uri))  # a local copy, just as atomic
         return
     bucket, key = _split_s3(uri)
-    with _s3_errors(uri, bucket):
-        s3_client(options).upload_file(os.fspath(path), bucket, key)
+    _s3(uri, bucket, lambda: s3_client(options).upload_file(os.fspath(path), bucket, key))
 
 
 def download_file(uri: str, path: str | os.PathLike[str], options: StorageOptions | None = None) -> Path:
@@ -185,8 +198,7 @@ def download_file(uri: str, path: str | os.PathLike[str], options: StorageOption
                 shutil.copyfile(_local_path(uri), tmp)
         else:
             bucket, key = _split_s3(uri)
-            with _s3_errors(uri, bucket):
-                s3_client(options).download_file(bucket, key, str(tmp))
+            _s3(uri, bucket, lambda: s3_client(options).download_file(bucket, key, str(tmp)))
     return target
 
 
@@ -244,7 +256,31 @@ def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple
     if opts.access_key_id:
         kwargs["access_key"] = opts.access_key_id
         kwargs["secret_key"] = opts.secret_access_key
+    # pyarrow's own retries absorb a dropped packet; an outage is ridden out by pyarrow_call
+    kwargs["retry_strategy"] = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=3)
+    kwargs["connect_timeout"] = 5.0
+    kwargs["request_timeout"] = 60.0
     return pyarrow.fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def pyarrow_call(uri: str, fn: Callable[[], _T]) -> _T:
+    """``fn()``, a pyarrow filesystem operation on ``uri`` (a Parquet write, a listing), with
+    transient faults retried for the budget; failures become ``StorageError``."""
+
+    def once() -> _T:
+        try:
+            return fn()
+        except FileNotFoundError as e:
+            raise StorageError(uri, "no such file or folder; check the path") from e
+        except OSError as e:
+            if isinstance(e, StorageError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if retry.is_transient(e):
+                raise StorageError(uri, f"cannot reach the store ({first})", transient=True) from e
+            raise StorageError(uri, first) from e
+
+    return _retried(uri, once)
 
 
 def s3_client(options: StorageOptions | None = None) -> Any:
@@ -257,7 +293,8 @@ def _client_for(options: StorageOptions) -> Any:
     import boto3
     from botocore.config import Config
 
-    config: dict[str, Any] = {"retries": {"max_attempts": 5, "mode": "standard"}}
+    # botocore's own retries absorb a dropped packet; an outage is ridden out by cluster.retry
+    config: dict[str, Any] = {"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 5}
     if options.endpoint_url:
         # S3-compatible servers rarely have per-bucket DNS names, and some reject the streaming
         # checksums that newer botocore sends by default.
@@ -298,20 +335,44 @@ def _default_cache_dir() -> Path:
 
 def _head(uri: str, options: StorageOptions | None) -> dict[str, Any]:
     bucket, key = _split_s3(uri)
-    with _s3_errors(uri, bucket):
-        head: dict[str, Any] = s3_client(options).head_object(Bucket=bucket, Key=key)
+    head: dict[str, Any] = _s3(uri, bucket, lambda: s3_client(options).head_object(Bucket=bucket, Key=key))
     return head
+
+
+def _s3(uri: str, bucket: str, fn: Callable[[], _T]) -> _T:
+    """``fn()``, one boto3 call about ``uri``: errors become ``StorageError``, transient ones
+    after retrying for the budget."""
+
+    def once() -> _T:
+        with _s3_errors(uri, bucket):
+            return fn()
+
+    return _retried(uri, once)
+
+
+def _retried(uri: str, once: Callable[[], _T]) -> _T:
+    try:
+        return retry.call(once, what=uri)
+    except StorageError as e:
+        if not e.transient or not getattr(e, "retry_attempts", 0):
+            raise
+        tries, seconds = e.retry_attempts, e.retry_seconds  # type: ignore[attr-defined]
+        raise StorageError(e.uri, f"{e.problem} (gave up after {tries} tries in {seconds:.0f} s)", True) from e
 
 
 def _list_s3(uri_prefix: str, options: StorageOptions | None) -> Iterator[str]:
     bucket, prefix = _split_s3(uri_prefix, key_required=False)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    pages = s3_client(options).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    with _s3_errors(uri_prefix, bucket):
-        for page in pages:  # each page is one request, made only when the previous one is used up
-            for item in page.get("Contents", ()):
-                yield f"s3://{bucket}/{item['Key']}"
+    token: dict[str, str] = {}
+    while True:  # one request per page of 1,000 keys, made only when the previous page is used up
+        request = {"Bucket": bucket, "Prefix": prefix, **token}
+        page = _s3(uri_prefix, bucket, functools.partial(s3_client(options).list_objects_v2, **request))
+        for item in page.get("Contents", ()):
+            yield f"s3://{bucket}/{item['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        token = {"ContinuationToken": page["NextContinuationToken"]}
 
 
 def _walk_sorted(folder: str) -> Iterator[str]:
@@ -360,20 +421,27 @@ def _s3_errors(uri: str, bucket: str) -> Iterator[None]:
     try:
         yield
     except (ClientError, Boto3Error) as e:
-        # boto3's transfers wrap the ClientError that stopped them (upload_file, download_file).
-        client_error = e if isinstance(e, ClientError) else e.__context__
-        if isinstance(client_error, ClientError):
-            raise StorageError(uri, _client_problem(client_error, bucket)) from e
+        # boto3's transfers wrap the error that stopped them (upload_file, download_file).
+        cause = e if isinstance(e, ClientError) else e.__context__
         if isinstance(e, RetriesExceededError):
-            raise StorageError(uri, f"transfer failed after retries ({e.last_exception!r}); try again") from e
-        raise StorageError(uri, f"S3 transfer failed: {e}") from e
+            cause = e.last_exception
+        transient = retry.is_transient(cause) if isinstance(cause, Exception) else False
+        if isinstance(cause, ClientError):
+            raise StorageError(uri, _client_problem(cause, bucket), transient) from e
+        if isinstance(cause, EndpointConnectionError):
+            raise StorageError(uri, _unreachable(cause), True) from e
+        raise StorageError(uri, f"S3 transfer failed: {cause or e}", transient) from e
     except NoCredentialsError as e:
         raise StorageError(uri, f"no S3 credentials found; {_CREDENTIALS_HINT}") from e
     except EndpointConnectionError as e:
-        endpoint = e.kwargs.get("endpoint_url")
-        raise StorageError(uri, f"cannot reach {endpoint}; check EARMARK_S3_ENDPOINT_URL and the network") from e
+        raise StorageError(uri, _unreachable(e), True) from e
     except BotoCoreError as e:
-        raise StorageError(uri, f"S3 request failed: {e}") from e
+        raise StorageError(uri, f"S3 request failed: {e}", retry.is_transient(e)) from e
+
+
+def _unreachable(error: Any) -> str:
+    endpoint = error.kwargs.get("endpoint_url")
+    return f"cannot reach {endpoint}; check EARMARK_S3_ENDPOINT_URL and the network"
 
 
 def _client_problem(error: Any, bucket: str) -> str:

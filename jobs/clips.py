@@ -65,21 +65,26 @@ def iter_listing(source: str, options: storage.StorageOptions | None = None) -> 
 
 
 def write_listing(source: str, manifest_uri: str, options: storage.StorageOptions | None = None) -> int:
-    """Stream the listing of ``source`` into the manifest ``manifest_uri``; returns the count."""
-    count = 0
+    """Stream the listing of ``source`` into the manifest ``manifest_uri``; returns the count.
+    An outage of the store redoes the listing (after retrying for the budget)."""
     tmp = manifest_uri + ".part"
     fs, path = storage.pyarrow_filesystem(tmp, options)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        for uri in iter_listing(source, options):
-            out.write((to_line(ManifestEntry(uri)) + "\n").encode())
-            count += 1
-    if count == 0:
-        fs.delete_file(path)
-        raise InputError(f"{source}: no audio files found (looked for {', '.join(AUDIO_SUFFIXES)}); check the path")
     _, final = storage.pyarrow_filesystem(manifest_uri, options)
-    fs.move(path, final)
-    return count
+
+    def write() -> int:
+        count = 0
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:
+            for uri in iter_listing(source, options):
+                out.write((to_line(ManifestEntry(uri)) + "\n").encode())
+                count += 1
+        if count == 0:
+            fs.delete_file(path)
+            raise InputError(f"{source}: no audio files found (looked for {', '.join(AUDIO_SUFFIXES)}); check the path")
+        fs.move(path, final)
+        return count
+
+    return storage.pyarrow_call(manifest_uri, write)
 
 
 def plan_shards(manifest_uri: str, *, shard_bytes: int, options: storage.StorageOptions | None = None) -> list[Shard]:
@@ -154,5 +159,9 @@ def count_lines(manifest_uri: str, options: storage.StorageOptions | None = None
 
     Streams the file; one pass over a million lines takes a few seconds."""
     fs, path = storage.pyarrow_filesystem(manifest_uri, options)
-    with fs.open_input_stream(path) as f:
-        return count_entries(iter(lambda: f.read(1 << 22), b""))
+
+    def count() -> tuple[int, float | None]:
+        with fs.open_input_stream(path) as f:
+            return count_entries(iter(lambda: f.read(1 << 22), b""))
+
+    return storage.pyarrow_call(manifest_uri, count)

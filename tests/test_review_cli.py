@@ -67,10 +67,14 @@ def test_route_stats_review_calibrate_and_export_from_the_command_line(tmp_path:
 def test_bad_input_to_the_review_commands_is_one_clear_error(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'review.db'}"
     missing = earmark("route", str(tmp_path / "nope"), "--project", "p", "--db", db)
-    assert missing.returncode == 2 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 3 and "error:" in missing.stderr and "Traceback" not in missing.stderr
     bad_policy = tmp_path / "p.yaml"
     bad_policy.write_text("word_conf: 0.1\n")
     refused = earmark("route", str(tmp_path / "nope"), "--project", "p", "--db", db, "--policy", str(bad_policy))
-    assert refused.returncode == 2 and "unknown policy fields" in refused.stderr
+    assert refused.returncode == 3 and "unknown policy fields" in refused.stderr
     no_project = earmark("queue", "stats", "--project", "ghost", "--db", db)
-    assert no_project.returncode == 2 and "no project named 'ghost'" in no_project.stderr
+    assert no_project.returncode == 3 and "no project named 'ghost'" in no_project.stderr
+    # nothing listens on port 1: a database out of reach is status 4, like storage
+    down = earmark("queue", "stats", "--project", "p", "--db", "postgresql+psycopg://u:p@127.0.0.1:1/x")
+    assert down.returncode == 4 and "cannot reach the review database" in down.stderr, down.stderr
+    assert "Traceback" not in down.stderr

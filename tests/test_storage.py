@@ -146,7 +146,7 @@ def test_localize_never_leaves_a_partial_file_when_a_download_fails(
     uri = f"s3://{s3_bucket}/models/model.nemo"
     write_bytes(uri, b"x" * 100_000, options)
 
-    with break_downloads_midway(options), pytest.raises(StorageError, match="transfer failed after retries"):
+    with break_downloads_midway(options), pytest.raises(StorageError, match="S3 transfer failed: simulated crash"):
         localize(uri, options, cache_dir=tmp_path)
     with pytest.raises(StorageError, match="no such object"):
         localize(f"s3://{s3_bucket}/models/absent.nemo", options, cache_dir=tmp_path)
@@ -275,3 +275,79 @@ def break_downloads_midway(options: StorageOptions) -> Iterator[None]:
         yield
     finally:
         events.unregister("after-call.s3.GetObject", swap_body)
+
+
+# -- outages: transient faults are retried for the budget -------------------------------------
+
+
+def _restart_after(server: S3Server, seconds: float) -> ThreadPoolExecutor:
+    import time
+
+    pool = ThreadPoolExecutor(1)
+    pool.submit(lambda: (time.sleep(seconds), server.start()))
+    return pool
+
+
+@pytest.mark.slow
+def test_reads_writes_and_parquet_parts_ride_out_an_outage_of_the_store(
+    s3_outage_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cluster.retry import RETRIES
+    from cluster.storage import pyarrow_call
+
+    options = s3_outage_server.options()
+    s3_outage_server.client().create_bucket(Bucket="outage")
+    write_bytes("s3://outage/a.bin", b"before", options)
+    monkeypatch.setenv("EARMARK_RETRY_BUDGET_S", "60")
+    fs, root = pyarrow_filesystem("s3://outage/parts", options)
+    table = pa.table({"x": [1, 2, 3]})
+    before = RETRIES.value
+
+    s3_outage_server.stop()
+    with _restart_after(s3_outage_server, 4):
+        assert read_bytes("s3://outage/a.bin", options) == b"before"  # waits for the server
+    s3_outage_server.stop()
+    with _restart_after(s3_outage_server, 4):
+        pyarrow_call("s3://outage/parts/p.parquet", lambda: pq.write_table(table, f"{root}/p.parquet", filesystem=fs))
+    s3_outage_server.stop()
+    with _restart_after(s3_outage_server, 4):
+        write_bytes("s3://outage/b.bin", b"after", options)
+        assert sorted(list_files("s3://outage", options, suffixes=(".bin",))) == [
+            "s3://outage/a.bin",
+            "s3://outage/b.bin",
+        ]
+
+    assert pq.read_table(f"{root}/p.parquet", filesystem=fs).equals(table)
+    assert RETRIES.value - before >= 3
+
+
+@pytest.mark.slow
+def test_an_outage_longer_than_the_budget_is_one_transient_error_naming_the_endpoint(
+    s3_outage_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from cluster.storage import pyarrow_call
+
+    options = s3_outage_server.options()
+    s3_outage_server.client().create_bucket(Bucket="down")
+    fs, root = pyarrow_filesystem("s3://down/parts", options)
+    monkeypatch.setenv("EARMARK_RETRY_BUDGET_S", "3")
+    s3_outage_server.stop()
+
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"cannot reach http://127\.0\.0\.1:\d+.*gave up after \d+ tries") as read:
+        read_bytes("s3://down/a.bin", options)
+    with pytest.raises(StorageError, match=r"s3://down/parts/p\.parquet: cannot reach the store") as write:
+        pyarrow_call(
+            "s3://down/parts/p.parquet",
+            lambda: pq.write_table(pa.table({"x": [1]}), f"{root}/p.parquet", filesystem=fs),
+        )
+
+    assert read.value.transient and write.value.transient
+    assert pickle.loads(pickle.dumps(read.value)).transient  # survives the trip from a Ray worker
+    assert time.monotonic() - started < 60
+    s3_outage_server.start()
+    with pytest.raises(StorageError, match="no such object") as missing:
+        read_bytes("s3://down/absent.bin", options)
+    assert not missing.value.transient  # a missing key fails at once, it is never retried

@@ -4,6 +4,7 @@ for jobs, and loading a model or audio with a clear error. Nothing heavy is impo
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -33,10 +34,43 @@ AddressOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the result JSON.")]
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with status 2 (what was wrong, and what to do)."""
+class ExitCode(enum.IntEnum):
+    """The exit statuses of ``earmark`` (documented in the README and ``earmark --help``): 0 when
+    done, 1 for an unexpected failure (a bug, with its traceback), and these."""
+
+    #: bad usage: an option or argument is wrong (also Typer's own status for usage errors)
+    USAGE = 2
+    #: an input problem: a missing, unreadable or inconsistent file, manifest, model or database
+    INPUT = 3
+    #: storage or the cluster could not be reached within the retry budget: rerun to resume
+    UNREACHABLE = 4
+
+
+def fail(message: str, code: ExitCode = ExitCode.INPUT) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code`` (what was wrong, and what to do)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(int(code))
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """The one-line message for a failure of storage or of the cluster behind ``exc`` (anywhere
+    in its chain, through Ray's task errors), or None when it is something else."""
+    from cluster.runtime import ClusterUnreachableError
+    from cluster.storage import StorageError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageError) and e.transient:
+            return f"storage unreachable: {e.uri}: {e.problem}"
+        if isinstance(e, ClusterUnreachableError):
+            return str(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]  # RayTaskError keeps its cause
+    return None
 
 
 def parse_att_context(value: str | None) -> tuple[int, int] | None:
@@ -55,9 +89,9 @@ def ray_job(address: str | None) -> Iterator[None]:
     ``address``), and while the job runs whatever prints to stdout (Ray's worker and raylet
     messages, the progress bar) goes to stderr, so stdout holds only the result (the JSON of
     --quiet). Then the command leaves Ray (see :func:`cluster.runtime.disconnect`)."""
-    from cluster.runtime import ray_session
+    from cluster.runtime import filtered_native_stderr, ray_session
 
-    with contextlib.redirect_stdout(sys.stderr), ray_session(address):
+    with filtered_native_stderr(), contextlib.redirect_stdout(sys.stderr), ray_session(address):
         yield
 
 
@@ -73,11 +107,13 @@ _R = TypeVar("_R", bound=Result)
 def run_job(job: Callable[[], _R], *, address: str | None, errors: tuple[type[Exception], ...], as_json: bool) -> _R:
     """Run ``job`` in a Ray session for the command line (:func:`ray_job`) and return its result,
     having printed it as JSON when ``as_json``; the ``errors`` it raises become one clear message
-    and exit status 2."""
+    and exit status 3 (storage or the cluster out of reach: status 4, see :func:`main`)."""
     try:
         with ray_job(address):
             result = job()
     except errors as exc:
+        if unreachable(exc) is not None:
+            raise
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from jobs.cli.common import AddressOpt, fail, run_job
+from jobs.cli.common import AddressOpt, ExitCode, fail, run_job
 
 if TYPE_CHECKING:
     from jobs.cards import ModelCard
@@ -210,7 +210,7 @@ def promote_model(
 
     name, _, version = ref.partition("/")
     if not version:
-        fail(f"{ref}: name the version to promote, e.g. {name}/v0002 (see `earmark models list`)")
+        fail(f"{ref}: name the version to promote, e.g. {name}/v0002 (see `earmark models list`)", ExitCode.USAGE)
     reg = _open(registry)
     try:
         record = reg.promote(name, version, force=force, reason=reason, tolerance=tolerance)

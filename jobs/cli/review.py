@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from jobs.cli.common import ModelOpt, fail
+from jobs.cli.common import ExitCode, ModelOpt, fail
 
 if TYPE_CHECKING:
     from labeling.queue import ReviewQueue
@@ -23,12 +23,17 @@ reviewers_app = typer.Typer(help="Add, list and revoke reviewers.", no_args_is_h
 
 
 def open_queue(db: str) -> ReviewQueue:
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
     from labeling.queue import ReviewQueue
 
     try:
         return ReviewQueue.connect(db)
+    except OperationalError as exc:
+        if db.startswith("sqlite"):
+            fail(f"cannot open the review database {db}: {str(exc.orig).splitlines()[0]}; check the path")
+        # a server that did not answer (or refused the login)
+        fail(f"cannot reach the review database {db}: {str(exc.orig).splitlines()[0]}", ExitCode.UNREACHABLE)
     except SQLAlchemyError as exc:
         fail(f"cannot open the review database {db}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from jobs.cli.common import (
+    ExitCode,
     AddressOpt,
     AttOpt,
     DeviceOpt,
@@ -42,8 +43,8 @@ def transcribe_file(
     engine = load_engine(model, device)
     try:
         (result,) = engine.transcribe([audio], options=TranscribeOptions(lang=lang, att_context=att))
-    except ValueError as exc:
-        fail(str(exc))
+    except ValueError as exc:  # a language or latency mode the model does not have
+        fail(str(exc), ExitCode.USAGE)
     if as_json:
         typer.echo(json.dumps({"source": path, **result.to_dict()}, ensure_ascii=False, indent=2))
         return

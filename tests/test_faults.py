@@ -1,0 +1,124 @@
+"""Riding out faults with real parts: the object store going away mid-job (SeaweedFS killed and
+restarted on the same data), longer than the retry budget, and the exit statuses of `earmark`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from cluster.storage import pyarrow_filesystem, upload_file
+from tests.s3server import S3Server
+
+pytestmark = pytest.mark.slow
+EARMARK = [sys.executable, "-m", "jobs.cli"]
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "NEMO_LOGGING_LEVEL": "ERROR"}
+CLIPS = 48
+
+
+def _s3_env(server: S3Server) -> dict[str, str]:
+    return (
+        os.environ
+        | QUIET_ENV
+        | {
+            "EARMARK_S3_ENDPOINT_URL": server.endpoint_url,
+            "EARMARK_S3_REGION": "us-east-1",
+            "EARMARK_S3_ACCESS_KEY_ID": server.access_key,
+            "EARMARK_S3_SECRET_ACCESS_KEY": server.secret_key,
+            "RAY_ADDRESS": "",
+        }
+    )
+
+
+@pytest.fixture
+def s3_archive(s3_outage_server: S3Server, corpus) -> str:
+    """``CLIPS`` short corpus clips under s3://archive/audio/."""
+    s3_outage_server.client().create_bucket(Bucket="archive")
+    shorts = [r for r in corpus if "sentences" not in r][:CLIPS]
+    for row in shorts:
+        name = Path(row["audio_filepath"]).name
+        upload_file(row["audio_filepath"], f"s3://archive/audio/{name}", s3_outage_server.options())
+    return "s3://archive/audio"
+
+
+def _wait_for(server: S3Server, proc: subprocess.Popen, prefix: str) -> int:
+    """Until the job has written a key under ``prefix`` (it runs, and has touched the store);
+    returns how many keys there are."""
+    client = server.client()
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else "the job ended"
+        assert time.monotonic() < deadline, f"the job wrote nothing under {prefix} in time"
+        if found := client.list_objects_v2(Bucket="archive", Prefix=prefix).get("KeyCount"):
+            return int(found)
+        time.sleep(0.05)
+
+
+def _rows(server: S3Server, out: str) -> list[dict]:
+    fs, root = pyarrow_filesystem(out, server.options())
+    return pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
+
+
+def test_a_job_with_input_and_output_on_s3_rides_out_a_20_s_outage(s3_outage_server: S3Server, s3_archive: str) -> None:
+    out = "s3://archive/labels/run1"
+    args = ["transcribe", s3_archive, "--out", out, "--shard-size", "1", "--batch-size", "1", "--quiet"]
+    proc = subprocess.Popen(
+        [*EARMARK, *args], env=_s3_env(s3_outage_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    parts_before = _wait_for(s3_outage_server, proc, "labels/run1/part-")  # mid-job: parts are being written
+
+    s3_outage_server.stop()
+    down = time.monotonic()
+    time.sleep(20)
+    s3_outage_server.start()
+    outage_s = time.monotonic() - down
+    stdout, stderr = proc.communicate(timeout=600)
+
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    summary = json.loads(stdout)
+    rows = _rows(s3_outage_server, out)
+    assert len(rows) == len({r["clip_id"] for r in rows}) == summary["rows"] == CLIPS
+    assert all(r["status"] == "ok" for r in rows)
+    assert stderr.decode().strip() == "", stderr.decode()[-3000:]  # --quiet: the summary and nothing else
+    assert parts_before < CLIPS
+    print(
+        f"outage of {outage_s:.1f} s after {parts_before} of {CLIPS} parts survived; "
+        f"driver retries {summary['this_run']['storage_retries']}"
+    )
+
+
+def test_an_outage_longer_than_the_budget_ends_with_one_line_and_status_4_then_a_rerun_completes(
+    s3_outage_server: S3Server, s3_archive: str
+) -> None:
+    out = "s3://archive/labels/run2"
+    args = ["transcribe", s3_archive, "--out", out, "--shard-size", "2", "--quiet"]
+    env = _s3_env(s3_outage_server)
+    proc = subprocess.Popen(
+        [*EARMARK, "--retry-budget", "5", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _wait_for(s3_outage_server, proc, "labels/run2/_earmark/run.json")
+
+    s3_outage_server.stop()
+    down = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=300)
+    gave_up_s = time.monotonic() - down
+    s3_outage_server.start()
+
+    lines = stderr.decode().strip().splitlines()
+    assert proc.returncode == 4, stderr.decode()[-3000:]
+    assert len(lines) == 1, stderr.decode()[-3000:]
+    assert s3_outage_server.endpoint_url in lines[0] or "cannot reach the store" in lines[0]
+    assert "s3://archive/" in lines[0] and "rerun the same command" in lines[0]
+    assert stdout == b""
+
+    rerun = subprocess.run([*EARMARK, *args], env=env, capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    rows = _rows(s3_outage_server, out)
+    assert len(rows) == len({r["clip_id"] for r in rows}) == CLIPS
+    print(f"gave up {gave_up_s:.1f} s into the outage with: {lines[0]}")
