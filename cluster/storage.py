@@ -177,6 +177,24 @@ def list_files(
     return (name for name in names if wanted is None or name.lower().endswith(wanted))
 
 
+def remove_tree(uri_prefix: str, options: StorageOptions | None = None) -> int:
+    """Delete the folder ``uri_prefix`` and everything under it; returns how many files went."""
+    if not is_remote(uri_prefix):
+        root = _local_path(uri_prefix)
+        if not root.exists():
+            return 0
+        count = sum(1 for p in root.rglob("*") if p.is_file())
+        with _local_errors(uri_prefix):
+            shutil.rmtree(root)
+        return count
+    bucket, _ = _split_s3(uri_prefix, key_required=False)
+    keys = [uri[len(f"s3://{bucket}/") :] for uri in list_files(uri_prefix, options)]
+    for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
+        batch = {"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True}
+        _s3(uri_prefix, bucket, functools.partial(s3_client(options).delete_objects, Bucket=bucket, Delete=batch))
+    return len(keys)
+
+
 def upload_file(path: str | os.PathLike[str], uri: str, options: StorageOptions | None = None) -> None:
     """Copy the local file ``path`` to ``uri`` (multipart for large files on S3)."""
     if not Path(path).is_file():

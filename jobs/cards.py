@@ -90,6 +90,8 @@ class TrainingRecord:
     anchor_distance_last_epoch: float | None
     #: Ray Train's run name (its checkpoints are in ``<registry>/_train/<ray_run>``).
     ray_run: str
+    #: True when this command resumed a run whose driver had died (the same command run again).
+    resumed_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)

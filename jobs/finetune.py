@@ -12,7 +12,9 @@
    worker's disk first. Every ``steps_per_epoch`` steps the workers validate and report a
    checkpoint to the registry's storage (``<registry>/_train/<name>-<version>``); with
    ``FailureConfig`` a killed worker makes Ray restart the group, which resumes from the last
-   checkpoint. Rank 0 writes the final ``.nemo`` into the registry.
+   checkpoint. Rank 0 writes the final ``.nemo`` into the registry. If the driver itself dies,
+   the same command run again resumes the unfinished run from its last checkpoint (its
+   ``request.json`` must match; a different command is refused unless ``--restart``).
 3. The driver evaluates the new model and its parent on the dev manifest with ``earmark
    evaluate`` (same engine, same metrics), then writes the card: the version exists from then on.
    Promotion is a separate, gated step (``earmark models promote``).
@@ -69,6 +71,8 @@ class FinetuneRequest:
     #: Each --train then --replay manifest's share of the training samples (None: by their sizes).
     mix: list[float] | None = None
     att_context: tuple[int, int] | None = None
+    #: Discard an unfinished run of this name (its driver died) and start over.
+    restart: bool = False
 
 
 def run_finetune(req: FinetuneRequest) -> ModelCard:
@@ -103,6 +107,7 @@ def run_finetune(req: FinetuneRequest) -> ModelCard:
     from cluster.runtime import require_ray
 
     require_ray()
+    resumed = _claim_run(req, registry, run_name, _fingerprint(req, parent, data))
     train_started = time.perf_counter()
     result = _train(req, base_uri=base_uri, dev=dev, model_uri=model_uri, run_name=run_name, registry=registry)
     train_s = time.perf_counter() - train_started
@@ -140,12 +145,54 @@ def run_finetune(req: FinetuneRequest) -> ModelCard:
             attempt_log=result.attempt_log,
             anchor_distance_last_epoch=result.anchor_distance,
             ray_run=run_name,
+            resumed_run=resumed,
         ),
         metrics=metrics,
         gate=GateVerdict(passed=not refused, reasons=refused),
     )
     registry.publish_card(req.name, version, card)
     return card
+
+
+def _fingerprint(req: FinetuneRequest, parent: ParentRef, data: dict[str, list[DataRecord]]) -> dict[str, Any]:
+    """What makes two runs the same run: the base, the data's hashes and every training setting."""
+    return {
+        "base": parent.model_id,
+        "data": {k: [(d.uri, d.sha256) for d in v] for k, v in data.items()},
+        "settings": req.settings.to_dict(),
+        "workers": req.workers,
+        "gpus_per_worker": req.gpus_per_worker,
+        "mix": req.mix,
+        "att_context": list(req.att_context) if req.att_context else None,
+    }
+
+
+def _claim_run(req: FinetuneRequest, registry: Registry, run_name: str, fingerprint: dict[str, Any]) -> bool:
+    """Start the Ray Train run ``run_name``, or resume it: an unfinished run of the same request
+    (its driver died before the card was written) is resumed from its last checkpoint, which
+    Ray Train finds in the run folder; a different request is refused unless ``req.restart``.
+    Returns whether the run is resumed."""
+    run_dir = registry.path("_train", run_name)
+    request_uri = f"{run_dir}/request.json"
+    found = (
+        json.loads(storage.read_bytes(request_uri, req.storage)) if storage.exists(request_uri, req.storage) else None
+    )
+    stale = found is not None and found != json.loads(json.dumps(fingerprint))
+    if stale and not req.restart:
+        raise FinetuneError(
+            f"{run_dir} holds an unfinished run of {run_name} with other data or settings (its driver stopped before "
+            "the model was registered). Run that command again to resume it, or pass --restart to discard it and "
+            "start over"
+        )
+    if stale or (req.restart and found is not None):
+        log.warning("discarding the unfinished run in %s (--restart)", run_dir)
+        storage.remove_tree(run_dir, req.storage)
+        found = None
+    if found is None:
+        storage.write_bytes(request_uri, json.dumps(fingerprint, indent=2).encode(), req.storage)
+        return False
+    log.warning("resuming the unfinished run %s from its last checkpoint", run_name)
+    return True
 
 
 def _resolve_base(base: str, registry: Registry) -> tuple[str, ParentRef]:
@@ -282,6 +329,14 @@ def _root_cause(exc: BaseException) -> str:
 
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: restore the base, train with Lightning under Ray's DDP, report checkpoints."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory(prefix=f"earmark-finetune-{rank}-") as work:  # staged data, resume copy
+        _train_in(config, Path(work))
+
+
+def _train_in(config: dict[str, Any], work: Path) -> None:
     import lightning.pytorch as pl
     import ray.train
     import torch
@@ -296,7 +351,6 @@ def train_worker(config: dict[str, Any]) -> None:
     opts: storage.StorageOptions = config["storage"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    work = Path(tempfile.mkdtemp(prefix=f"earmark-finetune-{rank}-"))
     train = [stage_manifest(uri, work / "data", opts) for uri in config["train"]]
     replay = [stage_manifest(uri, work / "data", opts) for uri in config.get("replay", [])]
     dev = stage_manifest(config["dev"], work / "data", opts)

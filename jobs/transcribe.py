@@ -246,8 +246,12 @@ def _process(
     ds: ray.data.Dataset = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
     # read and decode book the same CPU, so Ray Data fuses them into one task per shard (one
     # worker process fewer to start while the actors load their model)
-    ds = ds.flat_map(ReadStage(settings), num_cpus=1)
-    ds = ds.flat_map(DecodeStage(settings), num_cpus=1)
+    # A read that still fails after the storage layer's retries (the store down for longer than
+    # the budget) fails its task, and Ray runs it again a few times before the job gives up; a
+    # missing or corrupt file is an error row, never an exception.
+    retried: dict[str, Any] = {"max_retries": 3, "retry_exceptions": [storage.StorageError]}
+    ds = ds.flat_map(ReadStage(settings), num_cpus=1, **retried)
+    ds = ds.flat_map(DecodeStage(settings), num_cpus=1, **retried)
     ds = ds.map_batches(
         _TranscribeActor,
         fn_constructor_kwargs={"settings": settings},

@@ -176,11 +176,14 @@ class ReviewQueue:
         flags: tuple[str, ...] | list[str] = (),
         note: str | None = None,
     ) -> None:
-        """Record the reviewer's correction; the task is done."""
+        """Record the reviewer's correction; the task is done. Idempotent: the same submit sent
+        again (a client retrying after a lost response) changes nothing and succeeds."""
         bad = [f for f in flags if f not in FLAGS]
         if bad:
             raise QueueError(f"unknown flags {bad}; use {list(FLAGS)}")
         with self.Session.begin() as s:
+            if self._already_submitted(s, task_id, reviewer_id, text, lang, list(flags)):
+                return
             task = self._held(s, task_id, reviewer_id)
             self._record_submit(s, task, s.get_one(Clip, task.clip_pk), reviewer_id, text, lang, list(flags), note)
 
@@ -377,6 +380,26 @@ class ReviewQueue:
         if task is None:
             raise QueueError(f"no task {task_id}")
         return task
+
+    def _already_submitted(
+        self, s: Session, task_id: int, reviewer_id: int, text: str, lang: str | None, flags: list[str]
+    ) -> bool:
+        """Whether ``task_id`` is done and its last submit is this very one (by this reviewer,
+        with this text, language and flags)."""
+        task = self._task(s, task_id)
+        if task.state != "done":
+            return False
+        last = s.execute(
+            select(Review)
+            .where(Review.task_id == task_id, Review.action == "submit")
+            .order_by(Review.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        return (
+            last is not None
+            and last.reviewer_id == reviewer_id
+            and (last.text_after, last.lang_after, list(last.flags or [])) == (text, lang, flags)
+        )
 
     def _held(self, s: Session, task_id: int, reviewer_id: int) -> Task:
         task = self._task(s, task_id)

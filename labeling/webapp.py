@@ -26,6 +26,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from labeling.queue import FLAGS, QueueError, ReviewQueue, TaskView
 
@@ -91,6 +92,20 @@ def create_app(settings: Settings, queue: ReviewQueue | None = None) -> FastAPI:
     queue = queue or ReviewQueue.connect(settings.db)
     app = FastAPI(title="earmark review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings, app.state.queue = settings, queue
+
+    @app.exception_handler(DBAPIError)
+    async def database_down(request: Request, exc: DBAPIError) -> Response:
+        """The database out of reach (restarting, a dropped connection): 503, never a 500 with a
+        traceback. Nothing was written, so the client sends the same request again; the pool
+        checks connections before use (pre-ping) and recovers when the server is back."""
+        if not (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)):
+            raise exc
+        log.warning("review database unreachable during %s %s: %s", request.method, request.url.path, exc.orig)
+        return JSONResponse(
+            {"detail": "the review database is unreachable right now; nothing was saved, try again in a few seconds"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Response:

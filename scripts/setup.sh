@@ -28,7 +28,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # torch before NeMo: where a CPU wheel lies on disk (pip's configured find-links or
     # constraints), this takes it; otherwise pip would resolve a multi-GB CUDA build for NeMo.
     .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
-    .venv/bin/pip install -q -e ".[dev]"
+    # setuptools notes on every editable install of a flat layout (earmark's packages sit at the
+    # top of the checkout) that folders named like them take precedence: true, and by design here
+    PYTHONWARNINGS="ignore:Editable installation" .venv/bin/pip install -q -e ".[dev]"
     touch "$stamp"
 fi
 echo "setup: ok ($(.venv/bin/python --version), $(.venv/bin/earmark --version 2>/dev/null || echo 'earmark installed'))"

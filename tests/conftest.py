@@ -11,6 +11,23 @@ pytest_plugins = ["tests.s3server", "tests.pgserver"]
 os.environ.setdefault("NEMO_LOGGING_LEVEL", "ERROR")
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has set up its base folder
+def pytest_configure(config: pytest.Config) -> None:
+    """Every temporary file of the session, this process's and its children's (Ray's session
+    folders, Ray Train's Lightning checkpoints, SeaweedFS's sockets and logs, torch's caches),
+    goes under pytest's own base folder: after the suite, /tmp holds nothing the tests made.
+    The name is short: Ray's unix sockets live below it (at most 107 bytes a path)."""
+    import tempfile
+
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None or hasattr(config, "workerinput"):
+        return
+    folder = factory.getbasetemp() / "t"
+    folder.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # tempfile caches the folder it chose: choose again
+
+
 @pytest.fixture(scope="session")
 def engine():
     """The bundled demo model, loaded once for the whole session."""

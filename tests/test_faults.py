@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -122,3 +123,99 @@ def test_an_outage_longer_than_the_budget_ends_with_one_line_and_status_4_then_a
     rows = _rows(s3_outage_server, out)
     assert len(rows) == len({r["clip_id"] for r in rows}) == CLIPS
     print(f"gave up {gave_up_s:.1f} s into the outage with: {lines[0]}")
+
+
+# -- the review app while PostgreSQL restarts ----------------------------------------------------
+
+
+def test_four_reviewers_ride_out_a_postgresql_restart_with_503s_and_no_lost_or_double_reviews(
+    corpus, tmp_path: Path
+) -> None:
+    import collections
+    import threading
+
+    import httpx
+    import pyarrow.parquet as pq
+    import uvicorn
+    from sqlalchemy import text
+
+    from labeling.ingest import route_table
+    from labeling.policy import Policy
+    from labeling.queue import ReviewQueue
+    from labeling.webapp import Settings, create_app
+    from records.pseudo_labels import PseudoLabel, to_table
+    from tests.pgserver import private_postgres
+    from tests.reviewdata import corpus_rows
+
+    with private_postgres() as pg:
+        queue = ReviewQueue.connect(pg.url)
+        labels = tmp_path / "labels.parquet"
+        pq.write_table(to_table(PseudoLabel.from_row(r) for r in corpus_rows(corpus, 60)), labels)
+        route_table(queue, "demo", str(labels), Policy(confidence={"default": 0.9}))
+        tokens = {name: queue.add_reviewer(name)[1] for name in ("ana", "ben", "cai", "dee")}
+        app = create_app(Settings(db=pg.url, project="demo"), queue)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+        serving = threading.Thread(target=server.run, daemon=True)
+        serving.start()
+        while not server.started:
+            time.sleep(0.05)
+
+        statuses: collections.Counter[int] = collections.Counter()
+        acknowledged: list[tuple[int, str]] = []
+        lock = threading.Lock()
+
+        def send(client: httpx.Client, path: str, body: dict) -> httpx.Response:
+            while True:  # a client that retries what the server could not do (503)
+                response = client.post(path, json=body)
+                with lock:
+                    statuses[response.status_code] += 1
+                if response.status_code != 503:
+                    return response
+                time.sleep(0.3)
+
+        def review(name: str) -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                assert send(client, "/api/login", {"token": tokens[name]}).status_code == 200
+                while (claimed := send(client, "/api/tasks/next", {})).status_code == 200:
+                    task = claimed.json()
+                    time.sleep(0.15)  # reading, listening, typing
+                    correction = f"{name} heard clip {task['clip_id']}"
+                    done = send(client, f"/api/tasks/{task['id']}/submit", {"text": correction})
+                    assert done.status_code == 200, done.text
+                    # a retry of the same submit (say, its response was lost) changes nothing
+                    assert send(client, f"/api/tasks/{task['id']}/submit", {"text": correction}).status_code == 200
+                    with lock:
+                        acknowledged.append((task["id"], correction))
+                assert claimed.status_code == 204, claimed.text
+
+        reviewers = [threading.Thread(target=review, args=(name,)) for name in tokens]
+        for thread in reviewers:
+            thread.start()
+        while len(acknowledged) < 8:
+            time.sleep(0.02)
+        pg.stop()  # a restart: every open connection is cut, then nothing answers for 5 s
+        time.sleep(5)
+        pg.start()
+        for thread in reviewers:
+            thread.join(timeout=120)
+        server.should_exit = True
+        serving.join(timeout=10)
+
+        with queue.engine.connect() as db:
+            submits = db.execute(
+                text("SELECT task_id, reviewer_id, text_after FROM reviews WHERE action = 'submit'")
+            ).all()
+            states = collections.Counter(s for (s,) in db.execute(text("SELECT state FROM tasks")))
+        queue.engine.dispose()
+
+    assert not any(t.is_alive() for t in reviewers)
+    assert set(statuses) <= {200, 204, 503}, statuses  # never a 500
+    assert statuses[503] > 0, "the outage was not felt"
+    assert states == {"done": 60}
+    per_task = collections.Counter(task_id for task_id, _, _ in submits)
+    assert len(per_task) == 60 and set(per_task.values()) == {1}  # none lost, none twice
+    assert sorted((t, text_after) for t, _, text_after in submits) == sorted(acknowledged)
+    print(f"PostgreSQL restarted under 4 reviewers: {dict(statuses)}; 60 tasks, 60 reviews, 0 lost, 0 double")

@@ -210,3 +210,62 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command_and_a_different_command_is_refused(tmp_path: Path) -> None:
+    """kill -9 of the `earmark finetune` driver once a checkpoint is registered: the same command
+    run again resumes from it (the card says so); another command for the same model is refused
+    with the way out (--restart), which starts over."""
+    train, dev = corpus_manifests(tmp_path / "data")
+    registry = tmp_path / "reg"
+    args = ["finetune", "--train", str(train), "--dev", str(dev), "--registry", str(registry), "--name", "driver",
+            "--max-steps", "9", "--steps-per-checkpoint", "3", "--lr", "1e-5", "--json"]  # fmt: skip
+    run_dir = registry / "_train" / "driver-v0001"
+    proc = _run_cli(args)
+    try:
+        deadline = time.monotonic() + 400
+        while not _registered_checkpoints(run_dir):
+            assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "the driver ended"
+            assert time.monotonic() < deadline, "no checkpoint registered in time"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only
+        proc.wait()
+    finally:
+        time.sleep(1)
+        _stop_tree(proc)  # then the embedded Ray it leaves behind
+    assert Registry(str(registry)).versions("driver") == []
+
+    other = _run_cli([*args[:-2], "2e-5", "--json"])  # another --lr
+    _, err = other.communicate(timeout=300)
+    assert other.returncode == 3, err[-3000:]
+    assert "driver-v0001" in err and "--restart" in err and "Traceback" not in err
+
+    rerun = _run_cli(args)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    training = json.loads(out)["training"]
+    assert training["resumed_run"] is True and training["steps"] == 9
+    assert training["resumed_from_steps"] and training["resumed_from_steps"][0] in (3, 6)
+    assert Registry(str(registry)).versions("driver") == ["v0001"]
+    print(f"resumed from step {training['resumed_from_steps'][0]} after the driver was killed")
+
+
+def test_an_unfinished_run_is_claimed_by_the_same_request_and_discarded_only_with_restart(tmp_path: Path) -> None:
+    from jobs.finetune import FinetuneError, FinetuneRequest, _claim_run
+
+    registry = Registry(str(tmp_path / "reg"))
+    req = FinetuneRequest(train=["t.jsonl"], dev=["d.jsonl"], registry=registry.uri)
+    first, other = {"settings": {"lr": 1e-5}}, {"settings": {"lr": 2e-5}}
+
+    assert _claim_run(req, registry, "m-v0001", first) is False  # a new run
+    leftover = tmp_path / "reg" / "_train" / "m-v0001" / "checkpoint_000000" / "checkpoint.ckpt"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"weights")
+    assert _claim_run(req, registry, "m-v0001", first) is True  # the same request: resumed
+    with pytest.raises(FinetuneError, match=r"m-v0001 with other data or settings.*--restart"):
+        _claim_run(req, registry, "m-v0001", other)
+    assert leftover.exists()
+    restart = FinetuneRequest(train=["t.jsonl"], dev=["d.jsonl"], registry=registry.uri, restart=True)
+    assert _claim_run(restart, registry, "m-v0001", other) is False  # discarded, started over
+    assert not leftover.exists()
+    assert _claim_run(req, registry, "m-v0001", other) is True

@@ -77,6 +77,12 @@ def finetune(
         ),
     ] = None,
     address: AddressOpt = None,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart", help="Discard an unfinished run of this model (its driver died) instead of resuming it."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the model card as JSON.")] = False,
 ) -> None:
     """Fine-tune a model on Ray Train, evaluate it against its parent, and register it with its card."""
@@ -96,6 +102,7 @@ def finetune(
             train=list(train), replay=list(replay or []), mix=shares, dev=list(dev),
             registry=registry, base=base, name=name, settings=settings, storage=StorageOptions.from_env(),
             workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+            restart=restart,
         )  # fmt: skip
     except ValueError as exc:
         fail(str(exc))

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from jobs.cli.common import (
-    ExitCode,
     AddressOpt,
     AttOpt,
     DeviceOpt,
+    ExitCode,
     LangOpt,
     ModelOpt,
     QuietOpt,
