@@ -203,7 +203,12 @@ class ActorPlan:
 
 
 def plan_actors(
-    *, actors: int | None, gpus_per_actor: float | None, cluster_cpus: float, cluster_gpus: float
+    *,
+    actors: int | None,
+    gpus_per_actor: float | None,
+    cluster_cpus: float,
+    cluster_gpus: float,
+    node_cpus: Sequence[float] = (),
 ) -> ActorPlan:
     """One actor per GPU by default; on CPUs one actor that keeps one core free for decoding.
 
@@ -213,6 +218,8 @@ def plan_actors(
     8
     >>> plan_actors(actors=2, gpus_per_actor=None, cluster_cpus=2, cluster_gpus=0)  # a core left to decode
     ActorPlan(actors=2, gpus_per_actor=0.0, cpus_per_actor=0.5, threads=1)
+    >>> plan_actors(actors=2, gpus_per_actor=None, cluster_cpus=4, cluster_gpus=0, node_cpus=[2, 2]).cpus_per_actor
+    0.5
     """
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster_gpus else 0.0
@@ -229,9 +236,12 @@ def plan_actors(
     # A CPU actor reserves one core in Ray's books (decoding gets the others) but computes with
     # its share of all cores: the forward pass dominates, decoding is light and bursty. When the
     # actors would book every core, they book less, so that a decode task can still be scheduled
-    # (else the job waits forever for decoded audio).
+    # (else the job waits forever for decoded audio). "Every core" is that of the smallest node
+    # (of 2 cores or more) in a cluster: when nodes are lost, Ray restarts their actors on the
+    # nodes left, and the lost decode outputs must still find a core to be made again.
     threads = max(1, int(cluster_cpus // actors))
-    cpus = min(1.0, (cluster_cpus - 1) / actors) if cluster_cpus >= 2 else 1.0
+    floor = min([c for c in node_cpus if c >= 2] or [cluster_cpus])
+    cpus = min(1.0, (floor - 1) / actors) if floor >= 2 else 1.0
     return ActorPlan(actors, 0.0, math.floor(cpus * 1000) / 1000, threads)  # rounded down: the core stays free
 
 

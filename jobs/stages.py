@@ -113,7 +113,7 @@ class DecodeStage:
             audio = decode_audio(source, offset_s=item.offset_s, duration_s=item.duration_s)
             spans = split_long_audio(audio, max_s=self.settings.max_segment_s)
         except StorageError as exc:
-            if exc.transient:  # the store is down, the file is not bad: the task fails, Ray retries it
+            if exc.transient:  # the store is down (after retrying for the budget), the file is not bad
                 raise
             return [_with_audio(item.with_error(str(exc)), keep, None)]
         except AudioError as exc:

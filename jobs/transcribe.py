@@ -235,6 +235,7 @@ def _process(
         gpus_per_actor=req.gpus_per_actor,
         cluster_cpus=resources.get("CPU", 1),
         cluster_gpus=resources.get("GPU", 0),
+        node_cpus=[n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")],
     )
     settings = replace(settings, threads=plan.threads)
     ctx = DataContext.get_current()
@@ -246,12 +247,11 @@ def _process(
     ds: ray.data.Dataset = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
     # read and decode book the same CPU, so Ray Data fuses them into one task per shard (one
     # worker process fewer to start while the actors load their model)
-    # A read that still fails after the storage layer's retries (the store down for longer than
-    # the budget) fails its task, and Ray runs it again a few times before the job gives up; a
-    # missing or corrupt file is an error row, never an exception.
-    retried: dict[str, Any] = {"max_retries": 3, "retry_exceptions": [storage.StorageError]}
-    ds = ds.flat_map(ReadStage(settings), num_cpus=1, **retried)
-    ds = ds.flat_map(DecodeStage(settings), num_cpus=1, **retried)
+    # A read that fails on an unreachable store is retried inside the task (cluster.retry) for the
+    # budget, then fails the task and the job (status 4; a rerun resumes): never an error row.
+    # (Ray Data 2.60 deprecates per-stage retry_exceptions, removed in 2.64.)
+    ds = ds.flat_map(ReadStage(settings), num_cpus=1)
+    ds = ds.flat_map(DecodeStage(settings), num_cpus=1)
     ds = ds.map_batches(
         _TranscribeActor,
         fn_constructor_kwargs={"settings": settings},

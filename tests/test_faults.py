@@ -219,3 +219,82 @@ def test_four_reviewers_ride_out_a_postgresql_restart_with_503s_and_no_lost_or_d
     assert len(per_task) == 60 and set(per_task.values()) == {1}  # none lost, none twice
     assert sorted((t, text_after) for t, _, text_after in submits) == sorted(acknowledged)
     print(f"PostgreSQL restarted under 4 reviewers: {dict(statuses)}; 60 tasks, 60 reviews, 0 lost, 0 double")
+
+
+# -- a lost node ------------------------------------------------------------------------------
+
+
+def test_a_worker_node_lost_mid_job_leaves_the_head_to_finish_with_every_clip_once(corpus, tmp_path: Path) -> None:
+    """A head and a worker node on loopback, one model actor on each; once parts are being
+    written, the worker node's raylet and all its processes are killed."""
+    import pyarrow.parquet as pq
+
+    from tests.raycluster import LocalCluster
+
+    shorts = [r for r in corpus if "sentences" not in r]
+    manifest = tmp_path / "short.jsonl"
+    manifest.write_text("".join(json.dumps({"audio_filepath": r["audio_filepath"]}) + "\n" for r in shorts))
+    out = tmp_path / "out"
+    with LocalCluster(head_cpus=2) as cluster:
+        worker = cluster.add_worker(cpus=2)
+        proc = subprocess.Popen(
+            [*EARMARK, "transcribe", str(manifest), "--out", str(out), "--address", cluster.address,
+             "--actors", "2", "--shard-size", "2", "--batch-size", "2", "--quiet"],
+            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not list(out.glob("part-*.parquet")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else "the job ended"
+            assert time.monotonic() < deadline, "no part written in time"
+            time.sleep(0.1)
+        parts_before = len(list(out.glob("part-*.parquet")))
+        killed = cluster.kill_node(worker)
+        stdout, stderr = proc.communicate(timeout=600)
+
+    assert any("_TranscribeActor" in cmd for cmd in killed), killed  # a model actor went down with the node
+
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    summary = json.loads(stdout)
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == len({r["clip_id"] for r in rows}) == summary["rows"] == len(shorts)
+    assert all(r["status"] == "ok" for r in rows)
+    print(
+        f"worker node lost after {parts_before} of {-(-len(shorts) // 2)} parts; clips per node {summary['this_run']['clips_per_node']}"
+    )
+
+
+def test_a_training_node_lost_mid_run_resumes_from_the_last_checkpoint_on_its_replacement(tmp_path: Path) -> None:
+    """The head (1 CPU) runs the driver; the training worker (2 CPUs) lands on worker node A.
+    Once a checkpoint is registered, A is lost and node B joins (what an autoscaler does): Ray
+    Train restarts the worker group there, from that checkpoint."""
+    from jobs.registry import Registry
+    from tests.raycluster import LocalCluster
+    from tests.test_finetune import _registered_checkpoints, corpus_manifests
+
+    train, dev = corpus_manifests(tmp_path / "data")
+    registry = tmp_path / "reg"
+    run_dir = registry / "_train" / "lost-v0001"
+    with LocalCluster(head_cpus=1) as cluster:
+        node_a = cluster.add_worker(cpus=2)
+        proc = subprocess.Popen(
+            [*EARMARK, "finetune", "--train", str(train), "--dev", str(dev), "--registry", str(registry),
+             "--name", "lost", "--address", cluster.address, "--cpus-per-worker", "2", "--max-steps", "9",
+             "--steps-per-checkpoint", "3", "--lr", "1e-5", "--json"],
+            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 400
+        while not _registered_checkpoints(run_dir):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else "the job ended"
+            assert time.monotonic() < deadline, "no checkpoint registered in time"
+            time.sleep(0.2)
+        killed = cluster.kill_node(node_a)
+        cluster.add_worker(cpus=2)
+        stdout, stderr = proc.communicate(timeout=600)
+
+    assert any("RayTrainWorker" in cmd for cmd in killed), killed  # the training worker went down with it
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    training = json.loads(stdout)["training"]
+    assert training["steps"] == 9 and training["attempts"] == 2, training
+    assert training["resumed_from_steps"] and training["resumed_from_steps"][0] in (3, 6)
+    assert Registry(str(registry)).versions("lost") == ["v0001"]
+    print(f"training node lost; resumed from step {training['resumed_from_steps'][0]} on its replacement")

@@ -20,6 +20,7 @@ from jobs.stages import JobSettings
 from jobs.transcribe import JobError, TranscribeRequest, run_transcribe
 from records.text import normalize as normalize_for_wer
 from records.text import word_errors
+from tests.raycluster import LocalCluster
 from tests.s3server import S3Server
 
 pytestmark = pytest.mark.slow
@@ -244,80 +245,18 @@ def test_input_and_output_on_s3(ray_local, s3_server: S3Server, s3_bucket: str, 
 
 def test_the_job_runs_across_a_multi_node_ray_cluster(archive: Path, tmp_path: Path, corpus) -> None:
     """A head and a worker node on loopback; the two model actors spread, one per node."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # RAY_AUTH_MODE: Ray 2.60's `ray start --head` may turn token authentication on while a joining
-    # `ray start` assumes it off; a throwaway cluster on loopback needs none
-    env = os.environ | QUIET_ENV | {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
-    temp = Path("/tmp") / f"ray-mn-{os.getpid()}"
-    head = [
-        ray_bin,
-        "start",
-        "--head",
-        f"--port={port}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=2",
-        "--include-dashboard=false",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]
-    worker = [
-        ray_bin,
-        "start",
-        f"--address=127.0.0.1:{port}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=2",
-        "--disable-usage-stats",
-    ]
     manifest = tmp_path / "short.jsonl"
     manifest.write_text(
         "".join(json.dumps({"audio_filepath": r["audio_filepath"]}) + "\n" for r in corpus if "sentences" not in r)
     )
-
-    def stop_cluster() -> None:  # only this cluster's processes: `ray stop` would stop every Ray here
-        import psutil
-
-        marks = (f":{port}", f"gcs_server_port={port}", str(temp))
-        found = [
-            p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or ()) for m in marks)
-        ]
-        for proc in found + [c for p in found for c in _children(p)]:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-
-    try:
-        subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
-        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=120)
+    with LocalCluster(head_cpus=2) as cluster:
+        cluster.add_worker(cpus=2)
         result = subprocess.run(
-            [
-                *EARMARK,
-                "transcribe",
-                str(manifest),
-                "--out",
-                str(tmp_path / "out"),
-                "--address",
-                f"127.0.0.1:{port}",
-                "--actors",
-                "2",
-                "--shard-size",
-                "8",
-                "--batch-size",
-                "4",
-                "--quiet",
-            ],
-            env=env,
-            capture_output=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr.decode()[-3000:]
-    finally:
-        stop_cluster()
+            [*EARMARK, "transcribe", str(manifest), "--out", str(tmp_path / "out"), "--address", cluster.address,
+             "--actors", "2", "--shard-size", "8", "--batch-size", "4", "--quiet"],
+            env=cluster.env, capture_output=True, timeout=600,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
     summary = json.loads(result.stdout)
     assert summary["rows"] == summary["clips_ok"] == len(manifest.read_text().splitlines())
     per_node = summary["this_run"]["clips_per_node"]
@@ -436,12 +375,3 @@ def test_evaluate_scores_a_manifest_per_language_and_writes_a_report(ray_local, 
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "de-DE" in html
     assert json.loads((out / "metrics.json").read_text())["clips_scored"] == len(shorts)
-
-
-def _children(proc) -> list:
-    import psutil
-
-    try:
-        return proc.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []

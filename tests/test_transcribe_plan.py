@@ -119,6 +119,12 @@ def test_actor_plans_follow_the_cluster() -> None:
         plan = plan_actors(actors=actors, gpus_per_actor=None, cluster_cpus=cores, cluster_gpus=0)
         assert cores - plan.actors * plan.cpus_per_actor >= 1 - 1e-9, (cores, actors, plan)
     assert plan_actors(actors=3, gpus_per_actor=None, cluster_cpus=16, cluster_gpus=0).cpus_per_actor == 1.0
+    # ... nor every core of the smallest node: when the other nodes are lost, Ray restarts their
+    # actors beside it, and decoding must still find a core there
+    for nodes, actors in (([2, 2], 2), ([8, 2], 2), ([4, 4, 4], 3), ([1, 2, 2], 2)):
+        plan = plan_actors(actors=actors, gpus_per_actor=None, cluster_cpus=sum(nodes), cluster_gpus=0, node_cpus=nodes)
+        smallest = min(n for n in nodes if n >= 2)
+        assert smallest - plan.actors * plan.cpus_per_actor >= 1 - 1e-9, (nodes, actors, plan)
     with pytest.raises(ValueError, match="--gpus-per-actor 0 for CPU actors"):
         plan_actors(actors=None, gpus_per_actor=1, cluster_cpus=8, cluster_gpus=0)
 

@@ -69,6 +69,8 @@ def unreachable(exc: BaseException) -> str | None:
             return f"storage unreachable: {e.uri}: {e.problem}"
         if isinstance(e, ClusterUnreachableError):
             return str(e)
+        if _database_unreachable(e):
+            return f"database unreachable: {str(getattr(e, 'orig', e)).splitlines()[0]}"
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]  # RayTaskError keeps its cause
     return None
 
@@ -81,6 +83,18 @@ def parse_att_context(value: str | None) -> tuple[int, int] | None:
     except ValueError:
         raise typer.BadParameter(f"{value!r}: write it as LEFT,RIGHT, e.g. 56,13") from None
     return left, right
+
+
+def _database_unreachable(exc: BaseException) -> bool:
+    """A connection to the review database that failed or broke (SQLAlchemy says so)."""
+    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")  # never import SQLAlchemy just to ask
+    if sqlalchemy_exc is None or not isinstance(exc, sqlalchemy_exc.DBAPIError):
+        return False
+    if type(exc.orig).__module__.startswith("sqlite3"):
+        return False  # a file, not a server: its errors are input problems
+    if exc.connection_invalidated:
+        return True
+    return isinstance(exc, sqlalchemy_exc.OperationalError | sqlalchemy_exc.InterfaceError)
 
 
 @contextlib.contextmanager
