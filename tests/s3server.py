@@ -117,7 +117,8 @@ def _running_server(work: Path) -> Iterator[S3Server]:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
     config.write_text(json.dumps({"identities": [admin]}))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    ports = _free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
     command = [
         str(weed), "server", "-s3",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={work / 'data'}",
@@ -141,6 +142,10 @@ def _running_server(work: Path) -> Iterator[S3Server]:
         yield dataclasses.replace(server, startup_s=time.monotonic() - started)
     finally:
         control.stop()
+        # SeaweedFS puts a unix socket per service in /tmp whatever TMPDIR says: remove this server's
+        for port in ports:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 @pytest.fixture
