@@ -27,7 +27,7 @@ def demo(
     if ctx.invoked_subcommand is not None:
         return
     from asr.engine import TranscribeOptions
-    from cluster.runtime import ray_session
+    from cluster.runtime import filtered_native_stderr, ray_session
     from cluster.storage import StorageOptions
     from jobs.demo import run_demo
     from jobs.stages import JobSettings
@@ -36,7 +36,8 @@ def demo(
     options = TranscribeOptions(att_context=parse_att_context(att_context))
     settings = JobSettings(run_id="", model=model, options=options, device=device, storage=StorageOptions())
     try:
-        with ray_session(None):  # the demo's tables are its result: they stay on stdout
+        # the demo's tables are its result: they stay on stdout
+        with filtered_native_stderr(), ray_session(None):
             run_demo(out=out.resolve(), settings=settings)
     except (JobError, ValueError) as exc:
         fail(str(exc))
