@@ -104,10 +104,11 @@ class _Counter:
 RETRIES = _Counter()
 
 
-def call(fn: Callable[[], _T], *, what: str) -> _T:
-    """``fn()``, tried again after each transient fault until the budget is spent; the last
-    fault is raised as it was, with ``retry_attempts`` and ``retry_seconds`` set on it."""
-    budget = budget_s()
+def call(fn: Callable[[], _T], *, what: str, budget: float | None = None) -> _T:
+    """``fn()``, tried again after each transient fault until the budget (default
+    :func:`budget_s`) is spent; the last fault is raised as it was, with ``retry_attempts`` and
+    ``retry_seconds`` set on it."""
+    budget = budget_s() if budget is None else budget
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),
         stop=tenacity.stop_after_delay(budget),

@@ -84,6 +84,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         # a cluster's workers start with the cluster's environment: this job's get the allocator's
         # (and the retry budget this command was given)
         env = allocator | {k: os.environ[k] for k in ("EARMARK_RETRY_BUDGET_S",) if k in os.environ}
+        _probe(address)
         try:
             ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)
         except ConnectionError as exc:
@@ -97,6 +98,35 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     # (Ray would otherwise join that cluster, or fail if it is gone)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return "embedded"
+
+
+#: Longest wait for a cluster's head to answer before a job gives up (the retry budget, if shorter).
+CLUSTER_PROBE_S = 60.0
+
+
+def _probe(address: str) -> None:
+    """Fail fast, with a message, when nothing answers at ``address`` (``host:port`` or
+    ``ray://host:port``): ``ray.init`` would otherwise retry for minutes, printing warnings."""
+    import socket
+
+    from cluster import retry
+
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray's own lookup
+    budget = min(retry.budget_s(), CLUSTER_PROBE_S)
+
+    def connect_once() -> None:
+        socket.create_connection((host, int(port)), timeout=5).close()
+
+    try:
+        retry.call(connect_once, what=address, budget=budget)
+    except OSError as exc:
+        raise ClusterUnreachableError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}, for {budget:.0f} s); check --address "
+            "or RAY_ADDRESS, and that the head node is up (`ray status --address ...`)"
+        ) from exc
 
 
 def disconnect() -> None:

@@ -125,6 +125,22 @@ def test_an_outage_longer_than_the_budget_ends_with_one_line_and_status_4_then_a
     print(f"gave up {gave_up_s:.1f} s into the outage with: {lines[0]}")
 
 
+def test_a_cluster_that_does_not_answer_is_one_line_and_status_4(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    started = time.monotonic()
+    out = subprocess.run(
+        [*EARMARK, "--retry-budget", "2", "transcribe", str(tmp_path), "--out", str(tmp_path / "out"),
+         "--address", address, "--quiet"],
+        env=os.environ | QUIET_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 4, out.stderr
+    assert out.stderr.count("\n") == 1 and f"cannot reach the Ray cluster at {address}" in out.stderr, out.stderr
+    assert "rerun the same command" in out.stderr and out.stdout == ""
+    assert time.monotonic() - started < 60
+
+
 # -- the review app while PostgreSQL restarts ----------------------------------------------------
 
 
