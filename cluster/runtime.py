@@ -164,27 +164,53 @@ HARMLESS_NATIVE_LINES = (re.compile(rb"has constructor arguments in the object s
 def filtered_native_stderr(patterns: Sequence[re.Pattern[bytes]] = HARMLESS_NATIVE_LINES) -> Iterator[None]:
     """Drop the lines matching ``patterns`` from whatever this process writes to file
     descriptor 2 during the block (Ray's C++ core writes there, below Python's ``sys.stderr``);
-    everything else passes through unchanged, line by line."""
+    everything else passes through unchanged, as soon as a line (or a progress bar's ``\\r``)
+    ends. On a terminal the filter is a pseudo-terminal of the terminal's size, so that what
+    draws progress bars still sees a terminal."""
     import sys
     import threading
 
     sys.stderr.flush()
-    read_end, write_end = os.pipe()
     saved = os.dup(2)
+    if os.isatty(saved):
+        import fcntl
+        import pty
+        import termios
+        import tty
+
+        read_end, write_end = pty.openpty()
+        tty.setraw(write_end)  # bytes pass as written (no \n -> \r\n)
+        fcntl.ioctl(write_end, termios.TIOCSWINSZ, fcntl.ioctl(saved, termios.TIOCGWINSZ, b"\0" * 8))
+    else:
+        read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
 
+    def keep(piece: bytes) -> bool:
+        return not any(p.search(piece) for p in patterns)
+
+    def forward(data: bytes) -> None:
+        try:
+            os.write(saved, data)
+        except OSError:  # the block ended and a child still writes: nowhere left to write it
+            pass
+
     def pump() -> None:
-        with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            pending = b""
-            while chunk := pipe.read(65536):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    if not any(p.search(line) for p in patterns):
-                        os.write(saved, line + b"\n")
-            if pending and not any(p.search(pending) for p in patterns):
-                os.write(saved, pending)
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except OSError:  # a pseudo-terminal whose last writer closed says EIO, not EOF
+                chunk = b""
+            if not chunk:
+                break
+            *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+            out = b"".join(piece for piece in pieces if keep(piece))
+            if out:
+                forward(out)
+        if pending and keep(pending):
+            forward(pending)
+        os.close(read_end)
 
     thread = threading.Thread(target=pump, name="earmark-stderr-filter", daemon=True)
     thread.start()

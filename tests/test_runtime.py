@@ -67,3 +67,46 @@ def test_embedded_ray_workers_inherit_the_allocator_settings() -> None:
         "print(*ray.get(show.remote())); ray.shutdown()"
     )
     assert _run(code, _bare_env(RAY_ADDRESS="")) == " ".join(ALLOCATOR_ENV.values())
+
+
+_FILTER_CHILD = r"""
+import os, sys
+from cluster.runtime import filtered_native_stderr
+with filtered_native_stderr():
+    print("tty" if os.isatty(2) else "pipe", flush=True)  # what a progress bar would see
+    os.write(2, b"keep 1\n")
+    os.write(2, b"[2026 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker' has constructor "
+                b"arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    os.write(2, b"bar 10%\rbar 20%\r")
+    sys.stderr.write("keep 2 (Python's sys.stderr)\n")
+os.write(2, b"after\n")
+"""
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_rays_harmless_native_line_is_filtered_and_everything_else_passes(terminal: bool) -> None:
+    import pty
+    import tty
+
+    if terminal:
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        proc = subprocess.Popen([sys.executable, "-c", _FILTER_CHILD], stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        stdout, _ = proc.communicate(timeout=60)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child's end is closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(master)
+        stderr = b"".join(chunks)
+    else:
+        done = subprocess.run([sys.executable, "-c", _FILTER_CHILD], capture_output=True, timeout=60)
+        stdout, stderr = done.stdout, done.stderr
+    assert stdout.decode().strip() == ("tty" if terminal else "pipe")
+    assert stderr == b"keep 1\nbar 10%\rbar 20%\rkeep 2 (Python's sys.stderr)\nafter\n"
