@@ -74,10 +74,8 @@ def is_transient(exc: BaseException) -> bool:
     flagged = getattr(exc, "transient", None)  # errors that already know (cluster.storage.StorageError)
     if isinstance(flagged, bool):
         return flagged
-    try:
-        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        ClientError = ConnectionError = HTTPClientError = ()  # type: ignore[misc,assignment]  # noqa: N806
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0

@@ -184,7 +184,7 @@ def _claim_run(req: FinetuneRequest, registry: Registry, run_name: str, fingerpr
             "the model was registered). Run that command again to resume it, or pass --restart to discard it and "
             "start over"
         )
-    if stale or (req.restart and found is not None):
+    if req.restart and found is not None:
         log.warning("discarding the unfinished run in %s (--restart)", run_dir)
         storage.remove_tree(run_dir, req.storage)
         found = None

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -47,6 +48,14 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     # SQLite's single-writer equivalent of SELECT ... FOR UPDATE: every transaction takes the
     # write lock when it starts, so a claim's read and its update cannot interleave with another's.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database could not be reached or the connection broke (a server
+    restarting, a dropped connection): nothing was written, and the same request may succeed later."""
+    return isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    )
 
 
 def sessions(engine: Engine) -> sessionmaker[Session]:

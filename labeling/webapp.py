@@ -26,8 +26,9 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
+from labeling.db import connection_failed
 from labeling.queue import FLAGS, QueueError, ReviewQueue, TaskView
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def create_app(settings: Settings, queue: ReviewQueue | None = None) -> FastAPI:
         """The database out of reach (restarting, a dropped connection): 503, never a 500 with a
         traceback. Nothing was written, so the client sends the same request again; the pool
         checks connections before use (pre-ping) and recovers when the server is back."""
-        if not (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)):
+        if not connection_failed(exc):
             raise exc
         log.warning("review database unreachable during %s %s: %s", request.method, request.url.path, exc.orig)
         return JSONResponse(

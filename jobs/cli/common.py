@@ -87,14 +87,12 @@ def parse_att_context(value: str | None) -> tuple[int, int] | None:
 
 def _database_unreachable(exc: BaseException) -> bool:
     """A connection to the review database that failed or broke (SQLAlchemy says so)."""
-    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")  # never import SQLAlchemy just to ask
-    if sqlalchemy_exc is None or not isinstance(exc, sqlalchemy_exc.DBAPIError):
+    if "sqlalchemy" not in sys.modules:  # never import SQLAlchemy just to ask
         return False
-    if type(exc.orig).__module__.startswith("sqlite3"):
-        return False  # a file, not a server: its errors are input problems
-    if exc.connection_invalidated:
-        return True
-    return isinstance(exc, sqlalchemy_exc.OperationalError | sqlalchemy_exc.InterfaceError)
+    from labeling.db import connection_failed
+
+    # SQLite is a file, not a server: its errors are input problems
+    return connection_failed(exc) and not type(getattr(exc, "orig", None)).__module__.startswith("sqlite3")
 
 
 @contextlib.contextmanager
