@@ -25,7 +25,7 @@ from asr.results import Transcript
 from asr.tokens import as_list, blank_confidence, build_transcript
 
 if TYPE_CHECKING:
-    from asr.streaming import StreamingSession
+    from asr.streaming import CachePool, StreamingSession
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,14 @@ class Transcriber(LoadedModel):
 
     # -- streaming -----------------------------------------------------------------------
 
-    def stream(self, *, lang: str = AUTO, att_context: Sequence[int] | None = None) -> StreamingSession:
-        """A cache-aware streaming session; feed it PCM chunks of any size."""
+    def stream(
+        self, *, lang: str = AUTO, att_context: Sequence[int] | None = None, pool: CachePool | None = None
+    ) -> StreamingSession:
+        """A cache-aware streaming session; feed it PCM chunks of any size. With ``pool`` its
+        encoder caches live in a slot of that :class:`~asr.streaming.CachePool`."""
         from asr.streaming import StreamingSession
 
-        return StreamingSession(self, lang=lang, att_context=att_context)
+        return StreamingSession(self, lang=lang, att_context=att_context, pool=pool)
 
 
 def pack_by_length(lengths: Sequence[int], budget_samples: float, max_batch: int) -> list[list[int]]:

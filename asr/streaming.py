@@ -23,10 +23,21 @@ Four things make a live session differ from NeMo's ``CacheAwareStreamingAudioBuf
   zero features before the start: that keeps 56,0 equal to offline too.
 * **End-of-stream flush.** :meth:`StreamingSession.finish` runs the last partial chunk with
   ``keep_all_outputs`` instead of dropping it, so the final text equals offline text.
+
+And one thing makes many sessions on one model cheap:
+
+* **A cache pool.** Sessions created with a :class:`CachePool` keep only a slot number; the
+  encoder caches of every stream live in three preallocated tensors on the model's device.
+  :func:`step_sessions` reads a batch's caches as a view when its slots are one contiguous range
+  (the pool hands out the lowest free slot, so they often are) or with ``index_select``, and writes
+  the new caches back in place: no per-session tensors, no ``torch.cat`` of every cache each step.
+  Sessions without a pool keep their own caches, as before.
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +49,8 @@ from asr.model import AUTO
 from asr.results import Transcript
 from asr.tokens import as_list, build_transcript
 from records.text import strip_tags
+
+log = logging.getLogger(__name__)
 
 HOP = 160
 WIN_HALF = 256  # n_fft // 2: a centred STFT frame j reads samples [j*HOP - 256, j*HOP + 256)
@@ -52,10 +65,140 @@ class StreamUpdate:
     chunks: int
 
 
-class StreamingSession:
-    """One live stream. Not thread-safe; feed it from one task at a time."""
+class CachePool:
+    """Encoder caches for many streams, preallocated on the model's device: one slot per stream.
 
-    def __init__(self, engine: LoadedModel, *, lang: str = AUTO, att_context: Sequence[int] | None = None) -> None:
+    >>> pool = CachePool(engine, slots=64)                              # doctest: +SKIP
+    >>> session = engine.stream(lang="de-DE", pool=pool)                # doctest: +SKIP
+
+    ``caches``: ``cache_last_channel`` [layers, slots, left, d_model], ``cache_last_time``
+    [layers, slots, d_model, conv] and ``cache_last_channel_len`` [slots], from the encoder's
+    initial state. Their shapes depend on the left context only, so one pool serves every latency
+    mode whose caches have the same shapes (``modes``; on the Nemotron models and the demo model
+    all of them, left 56). A full pool doubles (``grow=True``): one reallocation and copy, between
+    steps; a hard cap would fail a stream on a brief overlap (a turn ending as the next opens),
+    and capping streams is the server's admission control (``--max-sessions``). With
+    ``grow=False`` a full pool raises. Not thread-safe: use it from the thread that steps.
+    """
+
+    def __init__(
+        self, engine: LoadedModel, slots: int, *, att_context: Sequence[int] | None = None, grow: bool = True
+    ) -> None:
+        import torch
+
+        if slots < 1:
+            raise ValueError(f"a cache pool needs at least one slot (got {slots})")
+        if not hasattr(engine.model.encoder, "get_initial_cache_state"):
+            raise ValueError(f"{engine.info.name} has no cache-aware streaming encoder")
+        self.engine, self.grow = engine, grow
+        att = engine.resolve_att_context(att_context)
+        initial: dict[tuple[int, int], tuple[Any, ...]] = {}
+        for mode in dict.fromkeys([att, *engine.info.att_context_sizes]):
+            with engine.running(mode):
+                initial[mode] = engine.model.encoder.get_initial_cache_state(1, device=torch.device(engine.device))
+            if any(c is None for c in initial[mode]):
+                raise ValueError(f"{engine.info.name} keeps no encoder caches in mode {mode}; a pool needs them")
+        shape = [tuple(c.shape) for c in initial[att]]
+        #: the latency modes whose sessions may use this pool
+        self.modes = tuple(m for m, init in initial.items() if [tuple(c.shape) for c in init] == shape)
+        self._initial = initial[att]
+        self.caches: tuple[Any, ...] = ()
+        self._free: list[int] = []  # a heap: the lowest free slot goes first, so live slots stay dense
+        self._used: set[int] = set()
+        self._resize(slots)
+
+    @property
+    def slots(self) -> int:
+        """How many streams the pool holds now (in use or free)."""
+        return len(self._free) + len(self._used)
+
+    @property
+    def in_use(self) -> int:
+        return len(self._used)
+
+    def serves(self, att_context: Sequence[int] | None) -> bool:
+        """Whether sessions in latency mode ``att_context`` can keep their caches here."""
+        return self.engine.resolve_att_context(att_context) in self.modes
+
+    def acquire(self) -> int:
+        """The lowest free slot, set to the initial cache state."""
+        if not self._free:
+            if not self.grow:
+                raise RuntimeError(f"all {self.slots} cache slots are in use; close a session or use grow=True")
+            self._resize(2 * self.slots)
+        slot = heapq.heappop(self._free)
+        self._used.add(slot)
+        for pooled, init in zip(self.caches, self._initial, strict=True):
+            pooled.narrow(_batch_dim(pooled), slot, 1).copy_(init)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot not in self._used:
+            raise ValueError(f"cache slot {slot} is not in use; was it released twice?")
+        self._used.remove(slot)
+        heapq.heappush(self._free, slot)
+
+    def gather(self, slots: Sequence[int]) -> tuple[Any, ...]:
+        """The caches of ``slots``, rows in that order: a view when they are one ascending range."""
+        start, index = self._where(slots)
+        if index is None:
+            return tuple(c.narrow(_batch_dim(c), start, len(slots)) for c in self.caches)
+        return tuple(c.index_select(_batch_dim(c), index) for c in self.caches)
+
+    def scatter(self, slots: Sequence[int], caches: Sequence[Any]) -> None:
+        """Write a step's new caches (rows in the order of ``slots``) back into the pool."""
+        start, index = self._where(slots)
+        for pooled, new in zip(self.caches, caches, strict=True):
+            if index is None:
+                pooled.narrow(_batch_dim(pooled), start, len(slots)).copy_(new)
+            else:
+                pooled.index_copy_(_batch_dim(pooled), index, new.to(pooled.dtype))
+
+    def _where(self, slots: Sequence[int]) -> tuple[int, Any]:
+        """(first slot, None) for one ascending run of slots, else (0, an index tensor)."""
+        import torch
+
+        if all(s == slots[0] + i for i, s in enumerate(slots)):
+            return slots[0], None
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot appears twice in one batch")
+        return 0, torch.tensor(list(slots), dtype=torch.long, device=self.caches[0].device)
+
+    def _resize(self, slots: int) -> None:
+        old, n = self.caches, self.slots
+        grown = []
+        for k, init in enumerate(self._initial):
+            shape = list(init.shape)
+            shape[_batch_dim(init)] = slots
+            grown.append(init.expand(*shape).clone())
+            if old:
+                grown[-1].narrow(_batch_dim(init), 0, n).copy_(old[k])
+        self.caches = tuple(grown)
+        for slot in range(n, slots):
+            heapq.heappush(self._free, slot)
+        if old:
+            log.info("cache pool grew from %d to %d slots", n, slots)
+
+
+def _batch_dim(cache: Any) -> int:
+    return 1 if cache.dim() > 1 else 0  # [layers, B, ...] for the two state caches, [B] for the lengths
+
+
+class StreamingSession:
+    """One live stream. Not thread-safe; feed it from one task at a time.
+
+    With ``pool`` the session keeps its encoder caches in a slot of that :class:`CachePool`
+    (released by :meth:`finish` or :meth:`close`); without, it holds its own.
+    """
+
+    def __init__(
+        self,
+        engine: LoadedModel,
+        *,
+        lang: str = AUTO,
+        att_context: Sequence[int] | None = None,
+        pool: CachePool | None = None,
+    ) -> None:
         import torch
 
         self.engine = engine
@@ -65,10 +208,18 @@ class StreamingSession:
         self.att_context = engine.resolve_att_context(att_context)
         self.lang = engine.requested_lang(lang)
         self.prompt = engine.prompt_indices([lang])[0]
+        if pool is not None and (pool.engine is not engine or not pool.serves(self.att_context)):
+            raise ValueError(
+                f"this cache pool serves modes {', '.join(f'{a},{b}' for a, b in pool.modes)} of its own model, "
+                f"not {self.att_context[0]},{self.att_context[1]}: make a pool for that mode"
+            )
         with engine.running(self.att_context):
             self.cfg = model.encoder.streaming_cfg
-            cache = model.encoder.get_initial_cache_state(batch_size=1)
-        self._cache = tuple(c.to(engine.device) if c is not None else None for c in cache)
+            cache = None if pool is not None else model.encoder.get_initial_cache_state(batch_size=1)
+        self._cache: Any = (
+            None if cache is None else tuple(c.to(engine.device) if c is not None else None for c in cache)
+        )
+        self.pool = pool
         feat = model.preprocessor.featurizer
         if getattr(feat, "n_fft", 512) != 2 * WIN_HALF or getattr(feat, "hop_length", HOP) != HOP:
             raise ValueError("streaming supports 25 ms windows with a 10 ms hop (n_fft 512) only")
@@ -90,6 +241,8 @@ class StreamingSession:
         self.chunks = 0
         self.finished = False
         self._closed = False
+        #: this session's slot in ``pool`` (None without a pool, and once released)
+        self.slot: int | None = pool.acquire() if pool is not None else None
 
     # -- public --------------------------------------------------------------------------
 
@@ -100,7 +253,7 @@ class StreamingSession:
         steps them together with :func:`step_ready`.
         """
         if self.finished:
-            raise RuntimeError("this session is finished; start a new one with Transcriber.stream()")
+            raise RuntimeError("this session is finished or closed; start a new one with Transcriber.stream()")
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if pcm.size and not np.isfinite(pcm).all():
             raise ValueError("audio chunk holds NaN or inf samples; send finite float32 PCM in [-1, 1]")
@@ -119,7 +272,19 @@ class StreamingSession:
             while self.ready():
                 step_sessions([self])
             self.finished = True
+            self._release()
         return self.transcript()
+
+    def close(self) -> None:
+        """Drop the stream without decoding the rest: frees its cache slot; no more feeds."""
+        self.finished = True
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        if self.pool is not None and self.slot is not None:
+            self.pool.release(self.slot)
+            self.slot = None
 
     def close_input(self) -> None:
         """No more audio will come: the last partial frames and chunk become ready."""
@@ -127,9 +292,23 @@ class StreamingSession:
             self._closed = True
             self._extract_features(final=True)
 
+    @property
+    def input_closed(self) -> bool:
+        """No more audio will come (:meth:`close_input`, :meth:`finish` or :meth:`close` ran)."""
+        return self._closed
+
     def ready(self) -> bool:
         """Whether a model chunk can run now."""
-        return self._ready_chunk() is not None
+        return not self.finished and self._ready_chunk() is not None
+
+    def batch_key(self) -> tuple | None:
+        """Sessions with equal keys can share one :func:`step_sessions` call (same model, cache
+        pool, latency mode, phase and last-chunk status); None when no chunk is ready."""
+        if not self.ready():
+            return None
+        size, _, drop = self._sizes()
+        last = self._closed and self._features.shape[1] <= size
+        return (id(self.engine), id(self.pool), self.att_context, self.chunks == 0, drop, last)
 
     # -- features ------------------------------------------------------------------------
 
@@ -228,18 +407,30 @@ def _max_pre_cache(cfg: Any) -> int:
     return int(max(v)) if isinstance(v, list | tuple) else int(v)
 
 
-def step_ready(sessions: Sequence[StreamingSession]) -> int:
-    """Run one chunk for every session that has one ready, batching those that can share a
-    forward pass (same latency mode, same phase, same last-chunk status). Returns how many ran."""
+def ready_groups(sessions: Sequence[StreamingSession], max_batch: int | None = None) -> list[list[StreamingSession]]:
+    """The sessions that have a chunk ready, grouped into batches :func:`step_sessions` accepts
+    (by :meth:`StreamingSession.batch_key`; languages mix freely), each at most ``max_batch``
+    long and, with a pool, ordered by slot so that a batch is often one contiguous range."""
     groups: dict[tuple, list[StreamingSession]] = {}
     for s in sessions:
-        if not s.finished and s.ready():
-            size, _, drop = s._sizes()
-            last = s._closed and s._features.shape[1] <= size
-            groups.setdefault((s.att_context, s.chunks == 0, drop, last, id(s.engine)), []).append(s)
+        key = s.batch_key()
+        if key is not None:
+            groups.setdefault(key, []).append(s)
+    out = []
     for group in groups.values():
+        group.sort(key=lambda s: -1 if s.slot is None else s.slot)
+        size = max_batch or len(group)
+        out += [group[i : i + size] for i in range(0, len(group), size)]
+    return out
+
+
+def step_ready(sessions: Sequence[StreamingSession]) -> int:
+    """Run one chunk for every session that has one ready, batching those that can share a
+    forward pass (:func:`ready_groups`). Returns how many ran."""
+    groups = ready_groups(sessions)
+    for group in groups:
         step_sessions(group)
-    return sum(len(g) for g in groups.values())
+    return sum(len(g) for g in groups)
 
 
 def transcribe_streaming(
@@ -281,8 +472,13 @@ def step_sessions(sessions: Sequence[StreamingSession]) -> None:
     torch = sessions[0]._torch
     model = engine.model
     att = sessions[0].att_context
+    pool = sessions[0].pool
     if any(s.engine is not engine or s.att_context != att for s in sessions):
         raise ValueError("sessions stepped together must share an engine and a latency mode")
+    if any(s.pool is not pool for s in sessions):
+        raise ValueError("sessions stepped together must share one cache pool, or all have none")
+    if any(s.finished for s in sessions):
+        raise RuntimeError("a finished or closed session cannot be stepped")
     taken = [s._take_chunk() for s in sessions]
     drops = {d for _, d, _ in taken}
     if len(drops) != 1:
@@ -297,7 +493,13 @@ def step_sessions(sessions: Sequence[StreamingSession]) -> None:
     for row, (c, _, _) in enumerate(taken):
         x[row, :, : c.shape[1]] = c
     dev = engine.device
-    caches = [torch.cat([s._cache[k] for s in sessions], dim=1 if k < 2 else 0).to(dev) for k in range(3)]
+    slots = [s.slot for s in sessions if s.slot is not None]  # every one, with a pool: none finished
+    caches: Sequence[Any]
+    if pool is not None:
+        caches = pool.gather(slots)
+    else:
+        own: list[Any] = [s._cache for s in sessions]
+        caches = [torch.cat([c[k] for c in own], dim=1 if k < 2 else 0).to(dev) for k in range(3)]
     prompts = torch.tensor([s.prompt for s in sessions], dtype=torch.long, device=dev)
     from nemo.collections.asr.parts.utils.rnnt_utils import Hypothesis
 
@@ -324,8 +526,11 @@ def step_sessions(sessions: Sequence[StreamingSession]) -> None:
         hyps = model.decoding.rnnt_decoder_predictions_tensor(
             encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True, partial_hypotheses=previous
         )
+    if pool is not None:
+        pool.scatter(slots, (c_ch, c_t, c_len))
     for row, s in enumerate(sessions):
-        s._cache = (c_ch[:, row : row + 1], c_t[:, row : row + 1], c_len[row : row + 1])
+        if pool is None:
+            s._cache = (c_ch[:, row : row + 1], c_t[:, row : row + 1], c_len[row : row + 1])
         hyp = hyps[row]
         s._dec_state = hyp.dec_state
         ids = as_list(hyp.y_sequence)

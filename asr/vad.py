@@ -104,3 +104,8 @@ def split_long_audio(audio: np.ndarray, *, max_s: float = MAX_SEGMENT_S) -> list
         return [(0.0, total_s)]
     segments = plan_segments(speech_spans(audio, max_s=max_s), total_s=total_s, max_s=max_s)
     return [(round(a, 3), round(b, 3)) for a, b in segments]
+
+
+def span_audio(audio: np.ndarray, start_s: float, end_s: float) -> np.ndarray:
+    """The samples of ``[start_s, end_s)`` of 16 kHz ``audio`` (a segment of :func:`split_long_audio`)."""
+    return audio[int(round(start_s * SAMPLE_RATE)) : int(round(end_s * SAMPLE_RATE))]

@@ -100,7 +100,7 @@ class DecodeStage:
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         from asr.audio import AudioError, decode_audio
-        from asr.vad import split_long_audio
+        from asr.vad import span_audio, split_long_audio
 
         if self._sources is None:
             self._sources = _SourceCache(self.settings.storage)
@@ -131,8 +131,7 @@ class DecodeStage:
         rows = []
         for k, (start, end) in enumerate(spans):
             segment = item.with_span(start, end - start, k, len(spans))
-            a, b = int(round(start * SAMPLE_RATE)), int(round(end * SAMPLE_RATE))
-            rows.append(_with_audio(segment, keep, audio[a:b]))
+            rows.append(_with_audio(segment, keep, span_audio(audio, start, end)))
         return rows
 
 

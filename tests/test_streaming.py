@@ -80,3 +80,18 @@ def test_bad_chunks_are_refused(engine):
         session.feed(np.array([0.0, np.nan], np.float32))
     with pytest.raises(ValueError, match="use 'auto' or one of"):
         engine.stream(lang="tlh-KL")
+
+
+def test_sessions_with_and_without_a_cache_pool_never_share_a_step(engine, short_clips):
+    from asr.streaming import CachePool, ready_groups, step_sessions
+
+    audio = short_clips[0][1]
+    pooled, own = engine.stream(pool=CachePool(engine, 1)), engine.stream()
+    for session in (pooled, own):
+        session.feed(audio, run=False)
+    assert pooled.batch_key() != own.batch_key()
+    assert sorted(len(g) for g in ready_groups([pooled, own])) == [1, 1]
+    with pytest.raises(ValueError, match="share one cache pool"):
+        step_sessions([pooled, own])
+    assert pooled.finish().text_raw == own.finish().text_raw
+    assert pooled.slot is None and pooled.pool.in_use == 0
