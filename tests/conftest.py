@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.s3server", "tests.pgserver"]
+pytest_plugins = ["tests.s3server", "tests.pgserver", "tests.serveserver"]
 
 os.environ.setdefault("NEMO_LOGGING_LEVEL", "ERROR")
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli import demo, models, review, transcribe
+from jobs.cli import demo, models, review, serve, transcribe, transcripts
 from jobs.cli.common import ExitCode, unreachable
 
 app = typer.Typer(
@@ -81,6 +81,8 @@ transcribe.register(app)
 demo.register(app)
 review.register(app)
 models.register(app)
+serve.register(app)
+transcripts.register(app)
 
 
 _verbose = False
