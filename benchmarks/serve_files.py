@@ -54,9 +54,9 @@ from benchmarks.serving import (  # noqa: E402 - after the path
     concatenated,
     corpus_clips,
     earmark_server,
-    exit_on_sigterm,
     machine,
     percentile,
+    run_benchmark,
     served_model,
     wav_bytes,
 )
@@ -232,7 +232,6 @@ def main() -> None:
     modes = [m for m in ("batched", "unbatched") if m in args.modes.split(",")]
     if not modes:
         parser.error("--modes: batched, unbatched or both")
-    exit_on_sigterm()
 
     files = make_files(args.files, args.seed, args.shortest, args.longest)
     total_audio = sum(f.seconds for f in files)
@@ -293,8 +292,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted; the server was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_benchmark(main)

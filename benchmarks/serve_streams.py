@@ -63,10 +63,10 @@ from benchmarks.serving import (  # noqa: E402 - after the path
     concatenated,
     corpus_clips,
     earmark_server,
-    exit_on_sigterm,
     machine,
     pcm16,
     percentile,
+    run_benchmark,
     served_model,
 )
 
@@ -396,7 +396,6 @@ def main() -> None:
     modes = [m for m in ("batched", "unbatched") if m in args.modes.split(",")]
     if not modes:
         parser.error("--modes: batched, unbatched or both")
-    exit_on_sigterm()
 
     variants, step = prepare_chunks(args.seconds, args.chunk_ms)
     print(f"machine: {machine()}")
@@ -456,8 +455,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted; the server was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_benchmark(main)

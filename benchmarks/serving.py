@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import wave
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,6 +81,16 @@ def exit_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def run_benchmark(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; Ctrl-C or SIGTERM stops its servers and exits with status 130."""
+    exit_on_sigterm()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted; the server was stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def served_model(server: EarmarkServer) -> str:
