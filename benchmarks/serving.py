@@ -19,9 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from asr.audio import SAMPLE_RATE  # noqa: E402 - after the path
 from tests.serveserver import EarmarkServer  # noqa: E402 - after the path
-
-SAMPLE_RATE = 16_000
 
 
 def corpus_clips() -> list[np.ndarray]:

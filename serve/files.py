@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from ray import serve
 
+from asr.audio import SAMPLE_RATE
+
 if TYPE_CHECKING:
     from asr.results import Transcript
     from serve.runtime import Runtime
-
-SAMPLE_RATE = 16_000
 
 
 @dataclass(frozen=True, slots=True)

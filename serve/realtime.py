@@ -138,6 +138,13 @@ class RealtimeSession:
         self._progress: asyncio.Queue[tuple[str, Item, Any]] = asyncio.Queue()
         self._pump = asyncio.ensure_future(self._forward_progress())
         self._turns_ready = False
+        self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            "session.update": self._session_update,
+            "transcription_session.update": self._session_update,
+            "input_audio_buffer.append": self._append,
+            "input_audio_buffer.commit": self._commit_event,
+            "input_audio_buffer.clear": self._clear,
+        }
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -176,24 +183,15 @@ class RealtimeSession:
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise ProtocolError("invalid_event", "an event is a JSON object with a string 'type'", param="type")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-            handler = self._handlers().get(event["type"])
+            handler = self._handlers.get(event["type"])
             if handler is None:
-                known = ", ".join(sorted(self._handlers()))
+                known = ", ".join(sorted(self._handlers))
                 raise ProtocolError(
                     "unknown_event", f"unknown event type {event['type']!r}; this server takes {known}", param="type"
                 )
             handler(event)
         except ProtocolError as exc:
             self.send(error_event(exc.code, exc.message, param=exc.param, event_id=event_id, kind=exc.kind))
-
-    def _handlers(self) -> dict[str, Callable[[dict[str, Any]], None]]:
-        return {
-            "session.update": self._session_update,
-            "transcription_session.update": self._session_update,
-            "input_audio_buffer.append": self._append,
-            "input_audio_buffer.commit": self._commit_event,
-            "input_audio_buffer.clear": self._clear,
-        }
 
     def _session_update(self, event: dict[str, Any]) -> None:
         session = event.get("session")

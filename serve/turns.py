@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from asr.audio import SAMPLE_RATE
+
 WINDOW = 512  # Silero's window at 16 kHz
 
 

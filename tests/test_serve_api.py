@@ -165,19 +165,13 @@ def test_keys_sizes_and_bad_requests_get_openai_errors_with_messages(served, cli
         )
     assert big.value.status_code == 413 and "8 MB" in big.value.message
 
-    fmt = httpx.post(
-        served.url + "/v1/audio/transcriptions",
-        headers=served.headers,
-        files={"file": good},
-        data={"model": "m", "response_format": "docx"},
-    )
+    def post(**fields: str) -> httpx.Response:
+        url = served.url + "/v1/audio/transcriptions"
+        return httpx.post(url, headers=served.headers, files={"file": good}, data={"model": "m", **fields})
+
+    fmt = post(response_format="docx")
     assert fmt.status_code == 400 and "verbose_json" in fmt.json()["error"]["message"]
-    mode = httpx.post(
-        served.url + "/v1/audio/transcriptions",
-        headers=served.headers,
-        files={"file": good},
-        data={"model": "m", "att_context": "56,7"},
-    )
+    mode = post(att_context="56,7")
     assert mode.status_code == 400 and "56,13" in mode.json()["error"]["message"]
     missing = httpx.post(served.url + "/v1/audio/transcriptions", headers=served.headers, data={"model": "m"})
     assert missing.status_code == 400 and "'file'" in missing.json()["error"]["message"]
