@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,28 @@ def test_help_loads_neither_torch_nor_nemo_nor_ray():
     assert out.stdout.strip() == "[]"
     helped = run("--help")
     assert helped.returncode == 0 and "transcribe-file" in helped.stdout
+
+
+def test_every_command_help_renders():
+    """Typer renders help text as rich markup: a bracket such as ``NAME[/VERSION]`` in a help string
+    would crash that command's --help."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    def paths(command: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+        found = [prefix]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += paths(sub, (*prefix, name))
+        return found
+
+    runner = CliRunner()
+    every = paths(get_command(app))
+    assert len(every) > 15
+    for path in every:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, f"earmark {' '.join(path)} --help: {result.output}{result.exception!r}"
 
 
 @pytest.mark.slow
