@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from labeling.db import make_engine, sessions, upgrade
+from labeling.db import make_engine, schema_revisions, sessions, upgrade
 from labeling.models import Clip, Project, Review, Reviewer, Task, utcnow
 from records.text import normalize
 
@@ -68,9 +68,18 @@ class ReviewQueue:
 
     @classmethod
     def connect(cls, url: str, *, migrate: bool = True) -> ReviewQueue:
+        """Open the queue at ``url``; ``migrate=False`` (an app whose migration runs apart, as in a
+        Deployment's init container) refuses a schema that is not at the package's head."""
         engine = make_engine(url)
         if migrate:
             upgrade(engine)
+        else:
+            current, head = schema_revisions(engine)
+            if current != head:
+                raise QueueError(
+                    f"the review database is at schema revision {current or 'none (empty)'} and this earmark needs "
+                    f"{head}: run `earmark queue migrate --db ...` first"
+                )
         return cls(engine)
 
     # -- projects and reviewers ----------------------------------------------------------

@@ -143,6 +143,13 @@ def create_app(settings: Settings, queue: ReviewQueue | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    @app.get("/healthz", include_in_schema=False)
+    def health() -> dict[str, str]:
+        """For load balancers and Kubernetes probes: 200 while the database answers (503 otherwise,
+        through the unreachable-database handler)."""
+        queue.projects()
+        return {"status": "ok"}
+
     @app.post("/api/login")
     def login(body: Login, response: Response) -> dict[str, str]:
         reviewer = queue.authenticate(body.token)

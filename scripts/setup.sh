@@ -33,4 +33,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     PYTHONWARNINGS="ignore:Editable installation" .venv/bin/pip install -q -e ".[dev]"
     touch "$stamp"
 fi
+# checkov (policy checks of infra/, tests only) pins libraries older than earmark's: a venv of its own
+if [ "${1:-}" = "--test" ] && [ ! -x .venv/checkov/bin/checkov ]; then
+    .venv/bin/python -m venv .venv/checkov
+    .venv/checkov/bin/pip install -q "checkov==3.3.30"
+fi
 echo "setup: ok ($(.venv/bin/python --version), $(.venv/bin/earmark --version 2>/dev/null || echo 'earmark installed'))"

@@ -8,10 +8,12 @@ under any ASGI server.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from typing import TYPE_CHECKING
 
-from serve.auth import ApiKeys
+from serve.auth import ApiKeys, read_key_file
 from serve.settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -20,6 +22,27 @@ if TYPE_CHECKING:
     from asr.scheduler import StreamScheduler
 
 log = logging.getLogger(__name__)
+
+
+def expand_model(spec: str) -> str:
+    """The model setting with ``$VAR``/``${VAR}`` expanded from this process's environment.
+
+    >>> os.environ["EARMARK_DOCTEST_MODEL"] = "s3://models/a.nemo"
+    >>> expand_model("${EARMARK_DOCTEST_MODEL}")
+    's3://models/a.nemo'
+    >>> expand_model("$EARMARK_NOT_SET_HERE")
+    Traceback (most recent call last):
+    ...
+    ValueError: model $EARMARK_NOT_SET_HERE: EARMARK_NOT_SET_HERE is not set in the replica's environment (set it on every node, e.g. from a ConfigMap)
+    """
+    expanded = os.path.expandvars(spec)
+    missing = re.findall(r"\$\{?(\w+)", expanded)
+    if missing or not expanded:
+        names = ", ".join(missing) or spec
+        raise ValueError(
+            f"model {spec}: {names} is not set in the replica's environment (set it on every node, e.g. from a ConfigMap)"
+        )
+    return expanded
 
 
 class Runtime:
@@ -31,14 +54,18 @@ class Runtime:
         self.settings = settings
         self.started_at = time.time()
         if engine is None:
-            spec = localize(settings.model) if is_remote(settings.model) else settings.model
+            model = expand_model(settings.model)
+            spec = localize(model) if is_remote(model) else model
             engine = Transcriber.load(spec, device=settings.device)
         self.engine = engine
         self.scheduler: StreamScheduler = StreamScheduler(
             engine, batched=settings.batching, slots=settings.max_sessions
         )
         self.scheduler.start()
-        self.keys = ApiKeys(settings.api_key_hashes)
+        hashes = settings.api_key_hashes
+        if settings.api_keys_file:
+            hashes += read_key_file(settings.api_keys_file)
+        self.keys = ApiKeys(hashes)
         #: realtime sessions open on this replica (changed on the event loop only)
         self.sessions = 0
         log.info("serving %s on %s", engine.info.model_id, engine.device)

@@ -23,11 +23,16 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: ``demo``, a local ``.nemo``, an ``s3://`` URI (fetched once into the local cache) or a hub name.
+    #: ``$VAR`` and ``${VAR}`` are expanded from the replica's environment, so one Serve config
+    #: serves the model a ConfigMap names (infra/k8s).
     model: str = "demo"
     #: ``cpu`` or ``cuda``; None: CUDA when the replica has a GPU.
     device: str | None = None
     #: sha256 hashes of the accepted API keys (``sha256:<hex>``); empty: no key needed (loopback only).
     api_key_hashes: tuple[str, ...] = ()
+    #: A key file (``earmark api-key FILE``) that every replica reads when it starts, such as a
+    #: mounted Kubernetes Secret; its hashes are accepted besides ``api_key_hashes``.
+    api_keys_file: str | None = None
     #: Open realtime sessions per replica; the next one gets ``too_many_sessions`` and close code 1013.
     max_sessions: int = Field(default=64, ge=1)
     #: A realtime session that sends nothing for this long is closed.

@@ -33,9 +33,22 @@ def _admin_connect():
     return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
 
 
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """URL of an empty database of one test's own (never migrated), dropped after it."""
+    with _database() as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """URL of an empty database, dropped at the end of the session."""
+    with _database() as url:
+        yield url
+
+
+@contextmanager
+def _database() -> Iterator[str]:
     try:
         admin = _admin_connect()
     except Exception as exc:  # noqa: BLE001 - any failure to reach the server means: no PostgreSQL here

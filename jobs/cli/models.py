@@ -33,7 +33,8 @@ def finetune(
     ],
     registry: RegistryOpt,
     base: Annotated[
-        str, typer.Option("--base", help="'demo', a .nemo path or s3:// URI, or NAME or NAME/VERSION from the registry.")
+        str,
+        typer.Option("--base", help="'demo', a .nemo path or s3:// URI, or NAME or NAME/VERSION from the registry."),
     ] = "demo",
     name: Annotated[str, typer.Option("--name", help="Model name in the registry.")] = "earmark",
     workers: Annotated[int, typer.Option("--workers", help="Ray Train workers (data parallel).")] = 1,

@@ -22,13 +22,15 @@ queue_app = typer.Typer(help="Look at the review queue.", no_args_is_help=True)
 reviewers_app = typer.Typer(help="Add, list and revoke reviewers.", no_args_is_help=True)
 
 
-def open_queue(db: str) -> ReviewQueue:
+def open_queue(db: str, *, migrate: bool = True) -> ReviewQueue:
     from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-    from labeling.queue import ReviewQueue
+    from labeling.queue import QueueError, ReviewQueue
 
     try:
-        return ReviewQueue.connect(db)
+        return ReviewQueue.connect(db, migrate=migrate)
+    except QueueError as exc:
+        fail(str(exc))
     except OperationalError as exc:
         if db.startswith("sqlite"):
             fail(f"cannot open the review database {db}: {str(exc.orig).splitlines()[0]}; check the path")
@@ -74,6 +76,18 @@ def queue_stats(project: ProjectOpt, db: DbOpt = "sqlite:///review.db") -> None:
         typer.echo(json.dumps(open_queue(db).stats(project), indent=2))
     except QueueError as exc:
         fail(str(exc))
+
+
+@queue_app.command("migrate")
+def queue_migrate(db: DbOpt = "sqlite:///review.db") -> None:
+    """Create or upgrade the review database's schema (Alembic), then exit; safe to run from
+    several processes at once. Run it before `earmark review --no-migrate` (a Deployment's init
+    container)."""
+    from labeling.db import schema_revisions
+
+    queue = open_queue(db)
+    current, _ = schema_revisions(queue.engine)
+    typer.echo(f"review database at schema revision {current}")
 
 
 def export(
@@ -172,23 +186,62 @@ def review(
         Path | None, typer.Option("--audio-root", help="Serve local audio only from under this folder.")
     ] = None,
     session_hours: Annotated[float, typer.Option("--session-hours", help="How long a sign-in lasts.")] = 12.0,
+    session_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--session-secret",
+            envvar="EARMARK_SESSION_SECRET",
+            show_default=False,
+            help="Key that signs sign-in cookies (32+ characters): every replica of the app needs the same one, "
+            "and sign-ins survive restarts. Unset: a random key per process.",
+        ),
+    ] = None,
+    locales: Annotated[
+        str | None,
+        typer.Option("--locales", help="Comma-separated locales for the language selector (default: the model's)."),
+    ] = None,
+    secure_cookies: Annotated[
+        bool, typer.Option("--secure-cookies", help="Send cookies over HTTPS only (behind a TLS proxy).")
+    ] = False,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate/--no-migrate",
+            help="Upgrade the database schema at start; --no-migrate refuses an old schema "
+            "(run `earmark queue migrate` apart).",
+        ),
+    ] = True,
 ) -> None:
     """Serve the review web app (sign in with a token from `earmark reviewers add`)."""
+    import secrets
+
     import uvicorn
 
     from asr.model import ModelLoadError, read_locales
     from labeling.webapp import Settings, create_app
 
-    try:
-        locales = read_locales(model)
-    except ModelLoadError as exc:
-        fail(str(exc))
-    queue = open_queue(db)
+    if session_secret is not None and len(session_secret) < 32:
+        fail("--session-secret ($EARMARK_SESSION_SECRET) is too short: use 32 characters or more", ExitCode.USAGE)
+    if locales:
+        choices = sorted({c.strip() for c in locales.split(",") if c.strip()})
+    else:
+        try:
+            choices = read_locales(model)
+        except ModelLoadError as exc:
+            fail(f"{exc} (or give the languages with --locales)")
+    queue = open_queue(db, migrate=migrate)
     if project not in queue.projects():
         fail(f"no project named {project!r} in {db}; route pseudo-labels into it first (earmark route)")
+    if session_secret is None:
+        typer.echo(
+            "earmark review: no --session-secret ($EARMARK_SESSION_SECRET): sign-ins end when this process stops "
+            "and are not shared with other replicas",
+            err=True,
+        )
     settings = Settings(
-        db=db, project=project, locales=locales, session_hours=session_hours,
-        audio_root=str(audio_root.resolve()) if audio_root else None,
+        db=db, project=project, locales=choices, session_hours=session_hours,
+        audio_root=str(audio_root.resolve()) if audio_root else None, secure_cookies=secure_cookies,
+        secret=session_secret.encode() if session_secret else secrets.token_bytes(32),
     )  # fmt: skip
     typer.echo(f"earmark review: http://{host}:{port}/  (project {project}, {db})")
     uvicorn.run(create_app(settings, queue), host=host, port=port, log_level="warning")

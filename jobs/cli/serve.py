@@ -42,6 +42,14 @@ def serve_command(
     api_keys: Annotated[
         Path | None, typer.Option("--api-keys", help="File of key hashes (make one with `earmark api-key FILE`).")
     ] = None,
+    replica_api_keys: Annotated[
+        str | None,
+        typer.Option(
+            "--replica-api-keys",
+            help="A key file each replica reads when it starts (a mounted Kubernetes Secret), for configs made "
+            "with --print-config; its keys are accepted besides --api-keys.",
+        ),
+    ] = None,
     idle_timeout: Annotated[float, typer.Option("--idle-timeout", help="Seconds a silent session stays open.")] = 60.0,
     max_session: Annotated[float, typer.Option("--max-session", help="Longest realtime session, seconds.")] = 4
     * 3600.0,
@@ -71,16 +79,18 @@ def serve_command(
             hashes = read_key_file(api_keys)
         except KeyFileError as exc:
             fail(str(exc))
-    if not hashes and not _is_loopback(host):
+    if not hashes and not replica_api_keys and not _is_loopback(host):
         fail(
             f"--host {host} listens beyond this machine, so API keys are required: make a key file with "
-            "`earmark api-key keys.txt` and pass --api-keys keys.txt (or listen on 127.0.0.1)",
+            "`earmark api-key keys.txt` and pass --api-keys keys.txt or --replica-api-keys PATH (or listen on "
+            "127.0.0.1)",
             ExitCode.USAGE,
         )
     settings = ServeSettings(
         model=_resolve_model(model),
         device=None if gpus_per_replica > 0 else "cpu",
         api_key_hashes=hashes,
+        api_keys_file=replica_api_keys,
         max_sessions=max_sessions,
         idle_timeout_s=idle_timeout,
         max_session_s=max_session,
