@@ -24,11 +24,14 @@ QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "NEMO_LOGGING_LEVEL": "ERROR
 
 
 class LocalCluster:
-    def __init__(self, head_cpus: int = 2) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, head_cpus: int = 2, *, env: dict[str, str] | None = None, dashboard: bool = False) -> None:
+        """``env``: added to every node's environment (as a pod's env would be); ``dashboard``:
+        run the head's dashboard, which serves the Jobs API and ``serve deploy``, at
+        :attr:`dashboard_url`."""
+        self.port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = dashboard
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.head_cpus = head_cpus
         # Ray's unix sockets live under the temp folder (at most 107 bytes a path): a short one
         # of its own, removed at the end
@@ -36,14 +39,21 @@ class LocalCluster:
         self._ray = str(Path(sys.executable).parent / "ray")
         # RAY_AUTH_MODE: Ray 2.60's `ray start --head` may turn token authentication on while a
         # joining `ray start` assumes it off; a throwaway cluster on loopback needs none
-        self.env = os.environ | QUIET_ENV | {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+        self.env = os.environ | QUIET_ENV | {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"} | (env or {})
 
     def __enter__(self) -> LocalCluster:
         head = [
             self._ray, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={self.head_cpus}", "--include-dashboard=false", f"--temp-dir={self.temp}",
-            "--disable-usage-stats",
+            f"--num-cpus={self.head_cpus}", f"--temp-dir={self.temp}", "--disable-usage-stats",
         ]  # fmt: skip
+        if self.dashboard:
+            head += [
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+            ]
+        else:
+            head += ["--include-dashboard=false"]
         try:
             subprocess.run(head, check=True, env=self.env, capture_output=True, timeout=120)
         except BaseException:
@@ -96,6 +106,12 @@ class LocalCluster:
             for p in psutil.process_iter(["name", "cmdline"])
             if p.info["name"] == "raylet" and f":{self.port}" in " ".join(p.info["cmdline"] or ())
         ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _children(proc: psutil.Process) -> list[psutil.Process]:
