@@ -23,14 +23,16 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.earmark-setup
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ infra/image/requirements.lock -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
     # torch before NeMo: where a CPU wheel lies on disk (pip's configured find-links or
     # constraints), this takes it; otherwise pip would resolve a multi-GB CUDA build for NeMo.
     .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
     # setuptools notes on every editable install of a flat layout (earmark's packages sit at the
     # top of the checkout) that folders named like them take precedence: true, and by design here
-    PYTHONWARNINGS="ignore:Editable installation" .venv/bin/pip install -q -e ".[dev]"
+    # the versions are the image's (infra/image/requirements.lock, written from a tested venv by
+    # infra/image/lock.py), so that a new machine tests what the cluster runs
+    PYTHONWARNINGS="ignore:Editable installation" .venv/bin/pip install -q -e ".[dev]" -c infra/image/requirements.lock
     touch "$stamp"
 fi
 # checkov (policy checks of infra/, tests only) pins libraries older than earmark's: a venv of its own
